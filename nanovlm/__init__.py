@@ -1,0 +1,1 @@
+"""nanovlm-ray: small vision-language models trained on Ray."""

@@ -1,0 +1,11 @@
+"""`nanovlm bench` (not built yet)."""
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def run(args: argparse.Namespace) -> int:
+    raise SystemExit("nanovlm bench is not implemented yet")

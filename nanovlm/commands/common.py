@@ -1,0 +1,31 @@
+"""Arguments shared by the commands that take a config: --preset, --config, --set."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from nanovlm.config import PRESETS, TrainConfig, VLMConfig, apply_overrides, configs_from_dict, preset
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
+    parser.add_argument("--preset", default=default_preset, help=f"named preset: {', '.join(PRESETS)}")
+    parser.add_argument("--config", default=None,
+                        help="a JSON file with 'vlm' and 'train' sections (e.g. a sweep's best config.json); "
+                             "replaces --preset")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a VLMConfig/TrainConfig field, e.g. --set lm_n_blocks=4 (repeatable)")
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[VLMConfig, TrainConfig]:
+    """Preset or config file, then --set overrides; both configs validated."""
+    if args.config:
+        path = Path(args.config)
+        if not path.exists():
+            raise FileNotFoundError(f"--config {path} does not exist.")
+        vlm, train = configs_from_dict(json.loads(path.read_text()))
+    else:
+        vlm, train = preset(args.preset)
+    vlm, train = apply_overrides(vlm, train, args.overrides)
+    return vlm.validate(), train.validate()

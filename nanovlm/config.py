@@ -1,0 +1,621 @@
+"""The two dataclasses that hold every setting: `VLMConfig` (the model) and `TrainConfig` (the run).
+
+One serialisation path serves checkpoints, Ray workers, Tune, MLflow and the CLI:
+`to_dict()` / `from_dict()` / `to_json()` / `from_json()`, and `key=value` overrides
+(`apply_overrides`). Field names of `VLMConfig` are the ones the published nanoVLM
+checkpoints use in their `config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Fields that older or newer nanoVLM versions wrote into config.json and that do not change
+# the architecture we build. Loading a checkpoint ignores them with a warning.
+LEGACY_HARMLESS_FIELDS = frozenset({
+    "lm_eos_token_id",          # the EOS id now comes from the tokenizer
+    "max_img_size",             # image splitting (newer nanoVLM); we resize to vit_img_size
+    "resize_to_max_side_len",   # same
+    "lm_use_tokens",            # we always return vocabulary logits
+    "mp_use_cls",
+    "vit_architecture",
+    "lm_architecture",
+    "vlm_extra_token_amount",
+    "hf_revision",
+})
+
+
+class ConfigError(ValueError):
+    """A setting is unknown, of the wrong type, or describes a model that cannot be built."""
+
+
+@dataclass
+class VLMConfig:
+    # --- vision transformer (SigLIP) ---
+    vit_hidden_dim: int = 768
+    vit_inter_dim: int = 3072
+    vit_patch_size: int = 16
+    vit_img_size: int = 224
+    vit_n_heads: int = 12
+    vit_dropout: float = 0.0
+    vit_n_blocks: int = 12
+    vit_ln_eps: float = 1e-6
+    vit_cls_flag: bool = False
+    vit_model_type: str = "google/siglip-base-patch16-224"
+
+    # --- language model (Llama / SmolLM2) ---
+    lm_hidden_dim: int = 576
+    lm_inter_dim: int = 1536
+    lm_rms_eps: float = 1e-5
+    lm_re_base: float = 100000
+    lm_max_position_embeddings: int = 8192
+    lm_base_vocab_size: int = 49152
+    extra_token_amount: int = 1       # rows added to the vocabulary for vlm_extra_tokens
+    lm_vocab_size: int = 49153        # lm_base_vocab_size + extra_token_amount (or more)
+    lm_n_heads: int = 9
+    lm_n_kv_heads: int = 3
+    lm_dropout: float = 0.0
+    lm_n_blocks: int = 30
+    lm_attn_scaling: float = 1.0
+    lm_max_length: int = 1024         # longest training sequence, image tokens included
+    lm_tie_weights: bool = True
+    lm_model_type: str = "HuggingFaceTB/SmolLM2-135M"
+    lm_tokenizer: str = "HuggingFaceTB/cosmo2-tokenizer"
+    lm_chat_template: str = CHATML_TEMPLATE
+
+    # --- modality projector ---
+    mp_pixel_shuffle_factor: int = 2
+    mp_image_token_length: int = 49   # (vit_img_size / vit_patch_size / mp_pixel_shuffle_factor) ** 2
+
+    # --- the joined model ---
+    vlm_extra_tokens: dict[str, str] = field(default_factory=lambda: {"image_token": "<|image|>"})
+    vlm_image_token_id: Optional[int] = None  # None -> lm_base_vocab_size + position of 'image_token'
+    vlm_load_backbone_weights: bool = True
+    vlm_checkpoint_path: str = "checkpoints/nanoVLM-222M"
+    hf_repo_name: str = "nanoVLM-222M"
+
+    # ---------------------------------------------------------------- derived sizes
+    @property
+    def vit_grid_size(self) -> int:
+        """Patches per image side."""
+        return self.vit_img_size // self.vit_patch_size
+
+    @property
+    def vit_num_patches(self) -> int:
+        return self.vit_grid_size ** 2
+
+    @property
+    def lm_head_dim(self) -> int:
+        return self.lm_hidden_dim // self.lm_n_heads
+
+    @property
+    def image_token_id(self) -> int:
+        """Id of the image placeholder: explicit, or the first row after the base vocabulary
+        plus the position of 'image_token' among vlm_extra_tokens (how get_tokenizer adds them)."""
+        if self.vlm_image_token_id is not None:
+            return self.vlm_image_token_id
+        return self.lm_base_vocab_size + list(self.vlm_extra_tokens).index("image_token")
+
+    def expected_image_token_length(self) -> int:
+        """Image tokens the projector emits per image: (grid / s)^2."""
+        return (self.vit_grid_size // self.mp_pixel_shuffle_factor) ** 2
+
+    # ---------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, strict: bool = True) -> "VLMConfig":
+        return _from_dict(cls, data, strict=strict)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        return _to_json(self, path)
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path, *, strict: bool = True) -> "VLMConfig":
+        return cls.from_dict(_read_json(path_or_text), strict=strict)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "VLMConfig":
+        """A named preset (see `PRESETS`), with optional field overrides."""
+        return preset(name, **overrides)[0]
+
+    def replace(self, **changes: Any) -> "VLMConfig":
+        return _replace(self, changes)
+
+    def validate(self) -> "VLMConfig":
+        """Raise `ConfigError` for a model that cannot be built; return self otherwise."""
+        _check_types(self)
+        errors: list[str] = []
+        positive = [
+            "vit_hidden_dim", "vit_inter_dim", "vit_patch_size", "vit_img_size", "vit_n_heads",
+            "vit_n_blocks", "lm_hidden_dim", "lm_inter_dim", "lm_n_heads", "lm_n_kv_heads",
+            "lm_n_blocks", "lm_base_vocab_size", "lm_vocab_size", "lm_max_length",
+            "lm_max_position_embeddings", "mp_pixel_shuffle_factor", "mp_image_token_length",
+            "vit_ln_eps", "lm_rms_eps", "lm_re_base", "lm_attn_scaling",
+        ]
+        for name in positive:
+            value = getattr(self, name)
+            if value <= 0:
+                errors.append(f"{name}={value} must be positive.")
+        if self.extra_token_amount < 0:
+            errors.append(f"extra_token_amount={self.extra_token_amount} must be >= 0.")
+        for name in ("vit_dropout", "lm_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                errors.append(f"{name}={value} must be in [0, 1).")
+        if errors:
+            raise ConfigError("Invalid VLMConfig:\n  " + "\n  ".join(errors))
+
+        if self.vit_hidden_dim % self.vit_n_heads:
+            errors.append(
+                f"vit_hidden_dim={self.vit_hidden_dim} is not divisible by vit_n_heads={self.vit_n_heads}; "
+                f"pick vit_n_heads from {_divisors(self.vit_hidden_dim)}.")
+        if self.lm_hidden_dim % self.lm_n_heads:
+            errors.append(
+                f"lm_hidden_dim={self.lm_hidden_dim} is not divisible by lm_n_heads={self.lm_n_heads}; "
+                f"pick lm_n_heads from {_divisors(self.lm_hidden_dim)}.")
+        elif self.lm_head_dim % 2:
+            errors.append(
+                f"lm_hidden_dim / lm_n_heads = {self.lm_head_dim} is odd; RoPE rotates pairs of "
+                "features, so the head dim must be even. Change lm_hidden_dim or lm_n_heads.")
+        if self.lm_n_heads % self.lm_n_kv_heads:
+            errors.append(
+                f"lm_n_heads={self.lm_n_heads} is not divisible by lm_n_kv_heads={self.lm_n_kv_heads} "
+                f"(grouped-query attention); pick lm_n_kv_heads from {_divisors(self.lm_n_heads)}.")
+        if self.vit_img_size % self.vit_patch_size:
+            errors.append(
+                f"vit_img_size={self.vit_img_size} is not divisible by vit_patch_size={self.vit_patch_size}; "
+                f"pick vit_patch_size from {_divisors(self.vit_img_size)}.")
+        elif self.vit_grid_size % self.mp_pixel_shuffle_factor:
+            errors.append(
+                f"the patch grid is {self.vit_grid_size}x{self.vit_grid_size} (vit_img_size / vit_patch_size) "
+                f"and mp_pixel_shuffle_factor={self.mp_pixel_shuffle_factor} does not divide it; "
+                f"pick mp_pixel_shuffle_factor from {_divisors(self.vit_grid_size)}.")
+        elif self.mp_image_token_length != self.expected_image_token_length():
+            errors.append(
+                f"mp_image_token_length={self.mp_image_token_length} but a "
+                f"{self.vit_grid_size}x{self.vit_grid_size} patch grid shuffled by "
+                f"mp_pixel_shuffle_factor={self.mp_pixel_shuffle_factor} gives "
+                f"{self.expected_image_token_length()} image tokens; set "
+                f"mp_image_token_length={self.expected_image_token_length()}.")
+        if self.extra_token_amount < len(self.vlm_extra_tokens):
+            errors.append(
+                f"extra_token_amount={self.extra_token_amount} is smaller than the "
+                f"{len(self.vlm_extra_tokens)} vlm_extra_tokens; set extra_token_amount="
+                f"{len(self.vlm_extra_tokens)}.")
+        if self.lm_vocab_size < self.lm_base_vocab_size + self.extra_token_amount:
+            errors.append(
+                f"lm_vocab_size={self.lm_vocab_size} is smaller than lm_base_vocab_size + "
+                f"extra_token_amount = {self.lm_base_vocab_size} + {self.extra_token_amount}; set "
+                f"lm_vocab_size={self.lm_base_vocab_size + self.extra_token_amount}.")
+        if "image_token" not in self.vlm_extra_tokens:
+            errors.append("vlm_extra_tokens has no 'image_token' entry; add e.g. "
+                          "{'image_token': '<|image|>'}.")
+        if self.vlm_image_token_id is not None and not 0 <= self.vlm_image_token_id < self.lm_vocab_size:
+            errors.append(f"vlm_image_token_id={self.vlm_image_token_id} is outside the vocabulary "
+                          f"[0, lm_vocab_size={self.lm_vocab_size}).")
+        if self.mp_image_token_length + 1 > self.lm_max_length:
+            errors.append(
+                f"lm_max_length={self.lm_max_length} cannot hold one image "
+                f"(mp_image_token_length={self.mp_image_token_length}) and a token; raise lm_max_length.")
+        if self.lm_max_length > self.lm_max_position_embeddings:
+            errors.append(
+                f"lm_max_length={self.lm_max_length} exceeds lm_max_position_embeddings="
+                f"{self.lm_max_position_embeddings}.")
+        if errors:
+            raise ConfigError("Invalid VLMConfig:\n  " + "\n  ".join(errors))
+        return self
+
+
+@dataclass
+class TrainConfig:
+    # --- optimisation (nanoVLM names where they exist) ---
+    lr_mp: float = 5e-3
+    lr_vision_backbone: float = 5e-5      # 0 freezes the ViT
+    lr_language_backbone: float = 5e-5    # 0 freezes the LM
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    warmup_ratio: float = 0.05            # fraction of max_training_steps spent warming up linearly
+    min_lr_ratio: float = 0.1             # cosine decays to lr * min_lr_ratio
+    batch_size: int = 16                  # per worker, per micro-step
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    max_training_steps: int = 5000
+    seed: int = 0
+    dtype: str = "auto"                   # "auto" (bf16 autocast on CUDA, fp32 on CPU), "float32", "bfloat16"
+    compile: bool = False
+    device: str = "auto"                  # "auto", "cpu", "cuda"
+
+    # --- data ---
+    train_dataset_path: str = "shapes"    # "shapes", a local dir (imagefolder/parquet/save_to_disk) or a Hub id
+    train_dataset_name: str = "all"       # Hub config / subset names, comma separated
+    val_ratio: float = 0.025              # for datasets without a validation split
+    data_cutoff_idx: Optional[int] = None # use only the first N training rows
+    shapes_max_objects: int = 1
+    shapes_question_types: str = "all"    # comma separated subset of the shapes question types
+    shapes_train_size: int = 100000
+    shapes_eval_size: int = 512
+    shapes_seed: int = 1234
+    tokenizer_path: Optional[str] = None  # overrides VLMConfig.lm_tokenizer (e.g. a locally trained one)
+    dataloader_workers: int = 0
+
+    # --- evaluation, logging, checkpoints ---
+    eval_interval: int = 250
+    eval_samples: int = 256               # validation samples for loss and answer accuracy
+    log_interval: int = 10
+    checkpoint_interval: int = 500
+    max_new_tokens_eval: int = 8
+    output_dir: str = "runs/latest"
+    resume_from_vlm_checkpoint: Optional[str] = None  # a VLM checkpoint dir to start from
+    peak_flops: Optional[float] = None    # FLOP/s for MFU; None -> measured matmul peak of the device
+
+    # --- Ray Train ---
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    report_interval: int = 10             # steps between ray.train.report calls
+    checkpoints_to_keep: int = 2
+    max_failures: int = 0
+    storage_path: Optional[str] = None    # Ray Train storage; default under ~/.nanovlm/ray_results
+    experiment_name: str = "nanovlm"      # MLflow experiment
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, strict: bool = True) -> "TrainConfig":
+        return _from_dict(cls, data, strict=strict)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        return _to_json(self, path)
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path, *, strict: bool = True) -> "TrainConfig":
+        return cls.from_dict(_read_json(path_or_text), strict=strict)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return _replace(self, changes)
+
+    def validate(self) -> "TrainConfig":
+        _check_types(self)
+        errors: list[str] = []
+        for name in ("batch_size", "gradient_accumulation_steps", "max_training_steps", "eval_interval",
+                     "eval_samples", "log_interval", "checkpoint_interval", "num_workers",
+                     "report_interval", "checkpoints_to_keep", "shapes_max_objects",
+                     "shapes_train_size", "shapes_eval_size", "max_new_tokens_eval"):
+            if getattr(self, name) <= 0:
+                errors.append(f"{name}={getattr(self, name)} must be positive.")
+        for name in ("lr_mp", "lr_vision_backbone", "lr_language_backbone", "weight_decay",
+                     "max_grad_norm", "max_failures", "dataloader_workers"):
+            if getattr(self, name) < 0:
+                errors.append(f"{name}={getattr(self, name)} must be >= 0.")
+        for name in ("warmup_ratio", "min_lr_ratio", "val_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                errors.append(f"{name}={getattr(self, name)} must be in [0, 1].")
+        if self.cpus_per_worker <= 0:
+            errors.append(f"cpus_per_worker={self.cpus_per_worker} must be positive.")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            errors.append(f"dtype={self.dtype!r} must be one of 'auto', 'float32', 'bfloat16'.")
+        if self.device not in ("auto", "cpu", "cuda"):
+            errors.append(f"device={self.device!r} must be one of 'auto', 'cpu', 'cuda'.")
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            errors.append(f"peak_flops={self.peak_flops} must be positive (or None to measure it).")
+        if self.lr_mp == self.lr_vision_backbone == self.lr_language_backbone == 0:
+            errors.append("lr_mp, lr_vision_backbone and lr_language_backbone are all 0: nothing would train.")
+        if errors:
+            raise ConfigError("Invalid TrainConfig:\n  " + "\n  ".join(errors))
+        return self
+
+
+# ==================================================================== presets
+
+def _tiny() -> tuple[VLMConfig, TrainConfig]:
+    # ~2M parameters: 64 px images, 8x8 patch grid, 16 image tokens; learns the `shapes`
+    # colour/shape questions in a few minutes on 2 CPU cores. Uses a BPE tokenizer trained
+    # locally on the shapes text (tokenizer_path=None -> trained and cached on first use).
+    vlm = VLMConfig(
+        vit_hidden_dim=128, vit_inter_dim=512, vit_patch_size=8, vit_img_size=64, vit_n_heads=4,
+        vit_n_blocks=3, vit_model_type="", vit_cls_flag=False,
+        lm_hidden_dim=128, lm_inter_dim=384, lm_n_heads=4, lm_n_kv_heads=2, lm_n_blocks=3,
+        lm_base_vocab_size=512, extra_token_amount=1, lm_vocab_size=513, lm_max_length=128,
+        lm_max_position_embeddings=512, lm_re_base=10000, lm_model_type="", lm_tokenizer="shapes-bpe-512",
+        mp_pixel_shuffle_factor=2, mp_image_token_length=16,
+        vlm_load_backbone_weights=False, vlm_checkpoint_path="checkpoints/nanoVLM-tiny",
+        hf_repo_name="nanoVLM-tiny",
+    )
+    train = TrainConfig(
+        lr_mp=2e-3, lr_vision_backbone=2e-3, lr_language_backbone=2e-3, weight_decay=0.01,
+        batch_size=32, max_training_steps=1500, eval_interval=250, eval_samples=256,
+        checkpoint_interval=250, log_interval=10, shapes_max_objects=1, output_dir="runs/tiny",
+    )
+    return vlm, train
+
+
+def _nanovlm_222m() -> tuple[VLMConfig, TrainConfig]:
+    return VLMConfig(), TrainConfig()
+
+
+def _nanovlm_460m() -> tuple[VLMConfig, TrainConfig]:
+    vlm = VLMConfig(
+        vit_img_size=512, vit_model_type="google/siglip2-base-patch16-512",
+        lm_hidden_dim=960, lm_inter_dim=2560, lm_n_heads=15, lm_n_kv_heads=5, lm_n_blocks=32,
+        lm_model_type="HuggingFaceTB/SmolLM2-360M-Instruct", lm_tokenizer="HuggingFaceTB/SmolLM2-360M-Instruct",
+        lm_max_length=2048, mp_pixel_shuffle_factor=4, mp_image_token_length=64,
+        vlm_checkpoint_path="checkpoints/nanoVLM-460M", hf_repo_name="nanoVLM-460M",
+    )
+    return vlm, TrainConfig()
+
+
+PRESETS: dict[str, typing.Callable[[], tuple[VLMConfig, TrainConfig]]] = {
+    "tiny": _tiny,
+    "nanovlm-222m": _nanovlm_222m,
+    "nanovlm-460m": _nanovlm_460m,
+}
+
+
+def preset(name: str, **overrides: Any) -> tuple[VLMConfig, TrainConfig]:
+    """Fresh `(VLMConfig, TrainConfig)` of a named preset, with field overrides applied."""
+    if name not in PRESETS:
+        raise ConfigError(f"Unknown preset {name!r}{_suggestion(name, PRESETS)}. Valid presets: {sorted(PRESETS)}.")
+    vlm, train = PRESETS[name]()
+    if overrides:
+        vlm, train = apply_overrides(vlm, train, overrides)
+    return vlm, train
+
+
+# ==================================================================== overrides
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def owner_of(name: str) -> type:
+    """Which dataclass owns a field name; `ConfigError` with a suggestion if neither does."""
+    if name in _FIELDS[VLMConfig]:
+        return VLMConfig
+    if name in _FIELDS[TrainConfig]:
+        return TrainConfig
+    every = list(_FIELDS[VLMConfig]) + list(_FIELDS[TrainConfig])
+    raise ConfigError(f"Unknown config field {name!r}{_suggestion(name, every)}. "
+                      "Run `nanovlm config --preset tiny` to list every field.")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`"lm_n_blocks=4"` -> `("lm_n_blocks", 4)`, the value parsed by the field's type."""
+    if "=" not in text:
+        raise ConfigError(f"Override {text!r} is not of the form field=value (e.g. lm_n_blocks=4).")
+    name, raw = text.split("=", 1)
+    name = name.strip()
+    if name.startswith(("vlm.", "train.")):  # dotted form: vlm.lm_n_blocks=4
+        name = name.split(".", 1)[1]
+    cls = owner_of(name)
+    return name, parse_value(cls, name, raw.strip())
+
+
+def parse_overrides(items: typing.Iterable[str] | dict[str, Any] | None) -> dict[str, Any]:
+    if not items:
+        return {}
+    if isinstance(items, dict):
+        for name in items:
+            owner_of(name)
+        return dict(items)
+    return dict(parse_override(item) for item in items)
+
+
+def apply_overrides(vlm: VLMConfig, train: TrainConfig,
+                    overrides: typing.Iterable[str] | dict[str, Any] | None) -> tuple[VLMConfig, TrainConfig]:
+    """Return new configs with `overrides` (strings `field=value` or a dict) applied.
+
+    Derived sizes follow their inputs unless overridden themselves: changing the image size,
+    patch size or shuffle factor recomputes `mp_image_token_length`; changing the base vocab
+    or `extra_token_amount` recomputes `lm_vocab_size` (when it was exactly their sum).
+    """
+    values = parse_overrides(overrides)
+    vlm_changes = {k: v for k, v in values.items() if owner_of(k) is VLMConfig}
+    train_changes = {k: v for k, v in values.items() if owner_of(k) is TrainConfig}
+    new_vlm = vlm.replace(**vlm_changes)
+    image_inputs = {"vit_img_size", "vit_patch_size", "mp_pixel_shuffle_factor"}
+    if image_inputs & vlm_changes.keys() and "mp_image_token_length" not in vlm_changes:
+        if _safe_token_length(new_vlm) is not None and vlm.mp_image_token_length == _safe_token_length(vlm):
+            new_vlm.mp_image_token_length = _safe_token_length(new_vlm)
+    vocab_inputs = {"lm_base_vocab_size", "extra_token_amount"}
+    if vocab_inputs & vlm_changes.keys() and "lm_vocab_size" not in vlm_changes:
+        if vlm.lm_vocab_size == vlm.lm_base_vocab_size + vlm.extra_token_amount:
+            new_vlm.lm_vocab_size = new_vlm.lm_base_vocab_size + new_vlm.extra_token_amount
+    return new_vlm, train.replace(**train_changes)
+
+
+def _safe_token_length(cfg: VLMConfig) -> int | None:
+    if cfg.vit_patch_size <= 0 or cfg.mp_pixel_shuffle_factor <= 0 or cfg.vit_img_size % cfg.vit_patch_size:
+        return None
+    if cfg.vit_grid_size % cfg.mp_pixel_shuffle_factor:
+        return None
+    return cfg.expected_image_token_length()
+
+
+def configs_to_dict(vlm: VLMConfig, train: TrainConfig) -> dict[str, dict[str, Any]]:
+    """The plain-dict form sent to Ray workers and stored with runs."""
+    return {"vlm": vlm.to_dict(), "train": train.to_dict()}
+
+
+def configs_from_dict(data: dict[str, Any]) -> tuple[VLMConfig, TrainConfig]:
+    for key in ("vlm", "train"):
+        if key not in data:
+            raise ConfigError(f"Config dict has no {key!r} section; expected keys 'vlm' and 'train'.")
+    extra = set(data) - {"vlm", "train"}
+    if extra:
+        raise ConfigError(f"Config dict has unknown sections {sorted(extra)}; expected 'vlm' and 'train'.")
+    return VLMConfig.from_dict(data["vlm"]), TrainConfig.from_dict(data["train"])
+
+
+# ==================================================================== internals
+
+_FIELDS: dict[type, dict[str, Any]] = {}
+
+
+def _register(cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    _FIELDS[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+_register(VLMConfig)
+_register(TrainConfig)
+
+
+def _to_dict(cfg: Any) -> dict[str, Any]:
+    return {f.name: _copy_value(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def _copy_value(value: Any) -> Any:
+    return dict(value) if isinstance(value, dict) else value
+
+
+def _to_json(cfg: Any, path: str | Path | None) -> str:
+    text = json.dumps(_to_dict(cfg), indent=2, sort_keys=False)
+    if path is not None:
+        Path(path).write_text(text + "\n")
+    return text
+
+
+def _read_json(path_or_text: str | Path) -> dict[str, Any]:
+    text = str(path_or_text)
+    if text.lstrip().startswith("{"):
+        return json.loads(text)
+    path = Path(path_or_text)
+    if not path.exists():
+        raise ConfigError(f"Config file {path} does not exist.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"Config file {path} is not valid JSON: {exc}") from exc
+
+
+def _from_dict(cls: type, data: dict[str, Any], *, strict: bool) -> Any:
+    """Build `cls` from a dict. strict=True (user input): any unknown field is an error.
+    strict=False (a checkpoint's config.json): known-harmless legacy fields are dropped with
+    a warning; other unknown fields are still errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__} must be built from a dict, got {type(data).__name__}.")
+    fields = _FIELDS[cls]
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in fields:
+            if not strict and name in LEGACY_HARMLESS_FIELDS:
+                logger.warning("Ignoring %s field %r=%r written by another nanoVLM version.",
+                               cls.__name__, name, value)
+                continue
+            raise ConfigError(f"Unknown {cls.__name__} field {name!r}{_suggestion(name, fields)}.")
+        kwargs[name] = _coerce(cls, name, value)
+    return cls(**kwargs)
+
+
+def _replace(cfg: Any, changes: dict[str, Any]) -> Any:
+    cls = type(cfg)
+    for name, value in changes.items():
+        if name not in _FIELDS[cls]:
+            raise ConfigError(f"Unknown {cls.__name__} field {name!r}{_suggestion(name, _FIELDS[cls])}.")
+        changes[name] = _coerce(cls, name, value)
+    return dataclasses.replace(cfg, **changes)
+
+
+def _check_types(cfg: Any) -> None:
+    for name in _FIELDS[type(cfg)]:
+        _coerce(type(cfg), name, getattr(cfg, name))
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(cls: type, name: str, value: Any) -> Any:
+    """Check `value` against the field's annotation; ints are accepted for float fields."""
+    tp = _FIELDS[cls][name]
+    optional = False
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        tp = args[0]
+        origin = typing.get_origin(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{cls.__name__}.{name} must be {_type_name(tp)}, got None.")
+    if origin is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            return dict(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer() and not isinstance(value, bool):
+            return int(value)
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    expected = "dict[str, str]" if origin is dict else _type_name(tp)
+    if optional:
+        expected += " or None"
+    raise ConfigError(f"{cls.__name__}.{name} must be {expected}, got {value!r} ({type(value).__name__}).")
+
+
+def parse_value(cls: type, name: str, raw: str) -> Any:
+    """Parse a command-line string into the field's type."""
+    tp = _FIELDS[cls][name]
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if raw.lower() in ("none", "null"):
+            return None
+        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        origin = typing.get_origin(tp)
+    try:
+        if origin is dict:
+            value: Any = json.loads(raw)
+        elif tp is bool:
+            lowered = raw.lower()
+            if lowered in ("true", "1", "yes", "on"):
+                value = True
+            elif lowered in ("false", "0", "no", "off"):
+                value = False
+            else:
+                raise ValueError
+        elif tp is int:
+            value = int(raw)
+        elif tp is float:
+            value = float(raw)
+        else:
+            value = raw
+    except (ValueError, json.JSONDecodeError):
+        raise ConfigError(f"{cls.__name__}.{name}={raw!r} is not a valid {_type_name(tp)}.") from None
+    return _coerce(cls, name, value)
+
+
+def _suggestion(name: str, candidates: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
