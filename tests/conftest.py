@@ -1,0 +1,16 @@
+"""Test-wide settings: no network, and every cache/store under a per-session temp dir so tests
+never touch the user's ~/.nanovlm or ~/.cache."""
+
+import os
+import tempfile
+
+_ROOT = tempfile.mkdtemp(prefix="nanovlm-tests-")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["NANOVLM_HOME"] = os.path.join(_ROOT, "home")
+os.environ["NANOVLM_CACHE"] = os.path.join(_ROOT, "cache")
+os.environ["HF_DATASETS_CACHE"] = os.path.join(_ROOT, "hf_datasets")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
