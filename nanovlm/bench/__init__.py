@@ -1,0 +1,1 @@
+"""Benchmarks: analytic sizes (flops), timed measurements (harness), the reference comparison and sweeps."""
