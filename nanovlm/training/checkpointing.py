@@ -1,0 +1,170 @@
+"""Training checkpoints: everything needed to continue a run on the same trajectory.
+
+Layout of `output_dir/checkpoints/step_000500/`:
+
+    config.json, model.safetensors   model.save_pretrained (so `from_pretrained(dir)` loads it)
+    train_state.pt                   step, optimizer, scheduler, RNG states, data position
+    train_config.json                the run's TrainConfig
+
+Writes are atomic: everything goes into a hidden temporary directory next to the final one,
+which is renamed into place only when complete, so a crash mid-write never leaves a
+half-written `step_*` directory that `latest_checkpoint` could pick up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nanovlm.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+TRAIN_STATE_FILE = "train_state.pt"
+TRAIN_CONFIG_FILE = "train_config.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+# ---------------------------------------------------------------------------- RNG
+
+def capture_rng_state() -> dict[str, Any]:
+    """RNG states of python, numpy and torch (CPU and every CUDA device), in a form that
+    `torch.load(weights_only=True)` accepts (numpy's key array becomes a tensor)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    python_state = state["python"]
+    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------- save / load
+
+def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler: Any, train_cfg: TrainConfig,
+                    data_position: dict[str, int], extra: dict[str, Any] | None = None,
+                    keep: int | None = None) -> Path:
+    """Write `output_dir/checkpoints/step_XXXXXX` atomically and return its path.
+
+    `model` is the unwrapped VisionLanguageModel (it must have `save_pretrained`).
+    `keep`: how many step directories to keep (oldest removed first); None keeps all.
+    """
+    root = checkpoint_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp_{step_dir_name(step)}_{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        model.save_pretrained(tmp)
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": capture_rng_state(),
+            "data_position": dict(data_position),
+            "extra": dict(extra or {}),
+        }
+        torch.save(state, tmp / TRAIN_STATE_FILE)
+        train_cfg.to_json(tmp / TRAIN_CONFIG_FILE)
+        _fsync_dir(tmp)
+        if final.exists():  # re-writing the same step (e.g. after a resume): swap it out
+            stale = root / f".stale_{final.name}_{uuid.uuid4().hex[:8]}"
+            final.rename(stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("Saved checkpoint %s", final)
+    if keep is not None:
+        prune_checkpoints(output_dir, keep)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete step directories under output_dir/checkpoints, oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / TRAIN_STATE_FILE).exists()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
+    for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+        logger.debug("Removed old checkpoint %s", old)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step directory as given, or the latest one of a run's output directory."""
+    path = Path(path)
+    if (path / TRAIN_STATE_FILE).exists():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(
+            f"{path} is neither a training checkpoint (no {TRAIN_STATE_FILE}) nor a run directory with "
+            f"checkpoints under {checkpoint_root(path)}. Pass output_dir/checkpoints/step_XXXXXX or the run's "
+            "output directory.")
+    return latest
+
+
+def load_train_state(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """The train_state.pt of a step directory (weights are loaded with from_pretrained)."""
+    path = Path(checkpoint_dir) / TRAIN_STATE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; {checkpoint_dir} is not a training checkpoint.")
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,95 @@
+"""Throughput, FLOPs, MFU and memory: the numbers every step reports, as plain floats.
+
+MFU = (model FLOPs of the step's samples) / (step time * peak FLOP/s * workers).
+The FLOPs come from `vlm_flops` (analytic, see nanovlm/bench/flops.py); the peak is
+`TrainConfig.peak_flops`, or when that is None a matmul timed once on the device in the
+training dtype (an achievable peak, not the datasheet number).
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from nanovlm.bench.flops import vlm_flops  # noqa: F401  (re-exported: FLOPs of one sample)
+
+logger = logging.getLogger(__name__)
+
+_PEAK_CACHE: dict[tuple[str, torch.dtype], float] = {}
+
+
+def measured_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a square matmul on `device` in `dtype`, timed once per process and cached."""
+    key = (str(device), dtype)
+    if key in _PEAK_CACHE:
+        return _PEAK_CACHE[key]
+    n = 4096 if device.type == "cuda" else 512
+    repeats = 10 if device.type == "cuda" else 3
+    # A private generator: measuring must not move the global RNG (resume determinism).
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    torch.matmul(a, b)  # warm-up (kernel selection, lazy init)
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.matmul(a, b)
+    _synchronize(device)
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    peak = 2 * n ** 3 * repeats / elapsed
+    logger.info("Measured matmul peak on %s (%s): %.3g FLOP/s (set TrainConfig.peak_flops to override).",
+                device, dtype, peak)
+    _PEAK_CACHE[key] = peak
+    return peak
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated accelerator memory, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10  # bytes on macOS, KiB on Linux
+
+
+def global_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum `values` over all workers when torch.distributed is initialised (one all_reduce)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    backend = dist.get_backend()
+    on = device if backend == "nccl" else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=on)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def step_metrics(*, loss: float, lrs: dict[str, float], grad_norm: float, step_time: float,
+                 data_wait: float, local_tokens: int, local_samples: int, local_images: int,
+                 local_flops: float, peak_flops: float, device: torch.device) -> dict[str, float]:
+    """The per-step metrics of docs/design.md. Counts are summed over workers (global
+    throughput); `tokens_per_second_per_worker` is this worker's own rate."""
+    tokens, samples, images, flops, workers = global_sum(
+        [local_tokens, local_samples, local_images, local_flops, 1.0], device)
+    step_time = max(step_time, 1e-9)
+    return {
+        "loss": float(loss),
+        **{k: float(v) for k, v in lrs.items()},
+        "grad_norm": float(grad_norm),
+        "tokens_per_second": tokens / step_time,
+        "tokens_per_second_per_worker": local_tokens / step_time,
+        "samples_per_second": samples / step_time,
+        "images_per_second": images / step_time,
+        "step_time": float(step_time),
+        "data_wait": float(data_wait),
+        "mfu": flops / (step_time * peak_flops * workers),
+        "peak_memory_mb": float(peak_memory_mb(device)),
+    }
