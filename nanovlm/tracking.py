@@ -1,0 +1,288 @@
+"""MLflow tracking: where runs are stored, what each run records, and logging that never kills training.
+
+Default store: a SQLite file `~/.nanovlm/mlflow.db` with artifacts in `~/.nanovlm/mlartifacts`, a
+location that outlives a submitted job's temporary working directory. `NANOVLM_HOME` moves the
+root; `MLFLOW_TRACKING_URI` replaces the store entirely (an `http://` server on a cluster, another
+`sqlite:///` file), also when given to `ray job submit --runtime-env-json`.
+
+One MLflow run per training run: every config field is a param under its dataclass name,
+metrics are logged by step, the final checkpoint and `summary.json` are artifacts, and tags say
+which commit, preset, dataset, world size and device produced it. `check_tracking_store` fails
+fast with a clear message before training; after that, `TrackingRun` logs and swallows errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+logger = logging.getLogger(__name__)
+
+DB_FILENAME = "mlflow.db"
+ARTIFACTS_DIRNAME = "mlartifacts"
+PARENT_RUN_TAG = "mlflow.parentRunId"   # MLflow's own tag for nested runs
+MAX_BUFFERED_METRICS = 50_000           # kept across tracking outages, oldest dropped beyond this
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be reached or written; raised only before training starts."""
+
+
+# ==================================================================== locations
+
+def nanovlm_home() -> Path:
+    """Root for state that outlives a job: `$NANOVLM_HOME` or `~/.nanovlm`."""
+    return Path(os.environ.get("NANOVLM_HOME") or Path.home() / ".nanovlm").expanduser().resolve()
+
+
+def default_tracking_uri() -> str:
+    """`$MLFLOW_TRACKING_URI` if set, else `sqlite:///<nanovlm_home>/mlflow.db`."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{nanovlm_home() / DB_FILENAME}"
+
+
+def sqlite_path(uri: str) -> Optional[Path]:
+    """The database file of a `sqlite:///` URI (absolute with four slashes, else relative to
+    the working directory), None for other stores."""
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return None
+    rest = uri[len("sqlite:///"):]
+    return Path(rest) if rest.startswith("/") else Path(rest).resolve()
+
+
+def artifact_root(uri: str) -> Optional[str]:
+    """Artifact location for new experiments: next to a SQLite db (so it is as stable as the db);
+    None for servers, which choose their own (`--artifacts-destination`)."""
+    db = sqlite_path(uri)
+    if db is None:
+        return None
+    return (db.parent / ARTIFACTS_DIRNAME).resolve().as_uri()
+
+
+# ==================================================================== reachability
+
+def check_tracking_store(uri: Optional[str] = None, timeout_s: float = 10.0) -> str:
+    """Raise `TrackingError` naming the URI and the fix if the store cannot be used; return the URI.
+
+    http(s) servers get one plain HTTP request with a timeout (MLflow's own client retries for
+    minutes); SQLite files need a writable directory; then one real query proves the store works.
+    """
+    uri = uri or default_tracking_uri()
+    fix = ("Start the server, fix the URI, or unset MLFLOW_TRACKING_URI to use the default "
+           f"SQLite store under {nanovlm_home()}.")
+    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+        except urllib.error.HTTPError:
+            pass  # the server answered; /health may just not exist there
+        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason}). {fix}") from None
+    elif scheme == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+        raise TrackingError(
+            f"MLflow tracking URI {uri} is a file store, which MLflow {_mlflow_version()} refuses "
+            "(maintenance mode). Use a SQLite file, e.g. MLFLOW_TRACKING_URI=sqlite:////abs/path/mlflow.db.")
+    db = sqlite_path(uri)
+    if db is not None:
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingError(f"Cannot create the directory of the MLflow SQLite store {db}: {exc}. {fix}") from None
+        if not os.access(db.parent, os.W_OK):
+            raise TrackingError(f"The MLflow SQLite store directory {db.parent} is not writable. {fix}")
+    try:
+        _client(uri).search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track"
+        raise TrackingError(f"MLflow tracking store {uri} does not answer: {type(exc).__name__}: {exc}. {fix}") from None
+    return uri
+
+
+def _mlflow_version() -> str:
+    import mlflow
+    return mlflow.__version__
+
+
+def _client(uri: str):
+    # Servers: fail within seconds instead of MLflow's default of 7 retries with backoff.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(tracking_uri=uri)
+
+
+# ==================================================================== what a run records
+
+def flatten_config(config: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """`configs_to_dict(vlm, train)` -> `{field: str(value)}`: the MLflow params.
+
+    Field names are unique across VLMConfig and TrainConfig, so they stay unprefixed; dicts are
+    JSON, everything else `str()` (so `None` -> "None", `True` -> "True")."""
+    params: dict[str, str] = {}
+    for section in ("vlm", "train"):
+        for name, value in config[section].items():
+            if name in params:
+                raise ValueError(f"Config field {name!r} appears in both 'vlm' and 'train'.")
+            params[name] = json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)
+    return params
+
+
+def git_commit() -> str:
+    """`$NANOVLM_GIT_COMMIT`, else the commit of this package's checkout, else "unknown"
+    (a submitted job's working dir has no .git: pass the commit through the runtime env)."""
+    commit = os.environ.get("NANOVLM_GIT_COMMIT")
+    if commit:
+        return commit
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def run_tags(config: dict[str, dict[str, Any]], *, preset: Optional[str], world_size: int,
+             device_type: str, extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+    train = config["train"]
+    dataset = train["train_dataset_path"]
+    if train.get("train_dataset_name") not in (None, "", "all"):
+        dataset += f":{train['train_dataset_name']}"
+    commit = git_commit()
+    tags = {
+        "git_commit": commit,
+        "mlflow.source.git.commit": commit,
+        "preset": preset or "custom",
+        "dataset": dataset,
+        "world_size": str(world_size),
+        "device_type": device_type,
+    }
+    tags.update(extra or {})
+    return tags
+
+
+def get_or_create_experiment(uri: str, name: str) -> str:
+    client = _client(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = artifact_root(uri)
+    try:
+        return client.create_experiment(name, artifact_location=f"{location}/{name}" if location else None)
+    except Exception:  # noqa: BLE001 - another process created it first
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def create_run(config: dict[str, dict[str, Any]], *, uri: Optional[str] = None,
+               experiment_name: Optional[str] = None, run_name: Optional[str] = None,
+               tags: Optional[dict[str, str]] = None, parent_run_id: Optional[str] = None) -> str:
+    """Create an MLflow run with every config field as a param; return its id. Raises on failure
+    (call it before training, after `check_tracking_store`)."""
+    from mlflow.entities import Param, RunTag
+
+    uri = uri or default_tracking_uri()
+    client = _client(uri)
+    experiment_id = get_or_create_experiment(uri, experiment_name or config["train"]["experiment_name"])
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags[PARENT_RUN_TAG] = parent_run_id
+    run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
+    params = [Param(k, v) for k, v in flatten_config(config).items()]
+    for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
+        client.log_batch(run.info.run_id, params=params[i:i + 100])
+    logger.info("MLflow run %s (experiment %r) in %s", run.info.run_id, experiment_name, uri)
+    return run.info.run_id
+
+
+# ==================================================================== fail-soft logging
+
+class TrackingRun:
+    """Logs to one existing MLflow run; every error is logged as a warning and swallowed.
+
+    Metrics are buffered and sent in batches (`flush`, every `flush_every` steps); while the store
+    is down they stay buffered (up to `MAX_BUFFERED_METRICS`) and go out with the next flush that works.
+    """
+
+    def __init__(self, run_id: str, uri: Optional[str] = None, flush_every: int = 10):
+        self.run_id = run_id
+        self.uri = uri or default_tracking_uri()
+        self.flush_every = max(1, flush_every)
+        self._pending: list[Any] = []
+        self._client_obj = None
+        self.failures = 0
+
+    def _guard(self, what: str, fn, *args, **kwargs) -> bool:
+        try:
+            if self._client_obj is None:
+                self._client_obj = _client(self.uri)
+            fn(self._client_obj, *args, **kwargs)
+            return True
+        except Exception as exc:  # noqa: BLE001 - tracking must never stop training
+            self.failures += 1
+            logger.warning("MLflow %s failed for run %s at %s (training continues): %s: %s",
+                           what, self.run_id, self.uri, type(exc).__name__, exc)
+            return False
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._pending.append(Metric(key, float(value), now, int(step)))
+        if len(self._pending) > MAX_BUFFERED_METRICS:
+            del self._pending[: len(self._pending) - MAX_BUFFERED_METRICS]
+        if step % self.flush_every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._pending:
+            batch = self._pending[:1000]  # MLflow's per-batch metric limit
+            if not self._guard("log_batch", lambda c: c.log_batch(self.run_id, metrics=batch)):
+                return
+            del self._pending[: len(batch)]
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self._guard("set_tags", lambda c: c.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: Optional[str] = None) -> None:
+        self._guard("log_artifacts", lambda c: c.log_artifacts(self.run_id, str(local_dir), artifact_path))
+
+    def log_artifact(self, local_path: str | Path, artifact_path: Optional[str] = None) -> None:
+        self._guard("log_artifact", lambda c: c.log_artifact(self.run_id, str(local_path), artifact_path))
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.flush()
+        self._guard("set_terminated", lambda c: c.set_terminated(self.run_id, status))
+
+
+def terminate_run(run_id: str, status: str, uri: Optional[str] = None) -> None:
+    """Fail-soft `set_terminated` from a process that did not log the run (e.g. the driver)."""
+    TrackingRun(run_id, uri)._guard("set_terminated", lambda c: c.set_terminated(run_id, status))
+
+
+def load_params(run_id: str, uri: Optional[str] = None) -> dict[str, str]:
+    return dict(_client(uri or default_tracking_uri()).get_run(run_id).data.params)
+
+
+def iter_runs(experiment_name: str, uri: Optional[str] = None) -> Iterable[Any]:
+    client = _client(uri or default_tracking_uri())
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id])
