@@ -1,0 +1,347 @@
+"""The training loop: `train(vlm_cfg, train_cfg, hooks, resume_from) -> summary`.
+
+Framework-free: a single process by default; a wrapper (Ray Train) plugs in through
+`TrainHooks` (device, DDP wrapping, rank/world size, callbacks) without this file knowing it.
+
+One optimizer step = `gradient_accumulation_steps` micro-batches of `batch_size` samples:
+
+    for each micro-batch:   loss = model(batch) / accumulation;  loss.backward()
+    grad_norm = clip(grads, max_grad_norm);  optimizer.step();  scheduler.step()
+    -> on_step(metrics); every eval_interval: evaluate -> on_eval;
+       every checkpoint_interval: save (rank 0) -> on_checkpoint (every rank)
+
+Steps are numbered from 1; a checkpoint `step_000500` holds the state after 500 steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nanovlm.config import TrainConfig, VLMConfig, configs_to_dict
+from nanovlm.training import checkpointing
+from nanovlm.training.evaluation import evaluate
+from nanovlm.training.hooks import TrainHooks
+from nanovlm.training.metrics import measured_peak_flops, step_metrics, vlm_flops
+from nanovlm.training.optim import build_optimizer, build_scheduler, current_lrs, trainable_parameters
+from nanovlm.training.sampling import ResumableBatchSampler
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient norm became NaN/inf; no checkpoint was written for that step."""
+
+
+# ---------------------------------------------------------------------------- set-up helpers
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("TrainConfig.device='cuda' but no CUDA device is available; use device='auto' or 'cpu'.")
+    return torch.device(name)
+
+
+def resolve_autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32. 'auto' = bf16 on CUDA when supported."""
+    if dtype == "float32":
+        return None
+    if dtype == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value.to(device, non_blocking=True)
+        elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+            out[key] = [v.to(device, non_blocking=True) for v in value]
+        else:
+            out[key] = value
+    return out
+
+
+def _count_images(images: Any) -> int:
+    if images is None:
+        return 0
+    if isinstance(images, torch.Tensor):
+        return int(images.shape[0])
+    return sum(_count_images(img) for img in images)
+
+
+def _batch_flops(cfg: VLMConfig, batch: dict[str, Any]) -> float:
+    """Analytic training FLOPs of a batch: each sample's real length (image tokens included)."""
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    images = batch.get("images")
+    per_sample = ([_count_images(x) for x in images] if isinstance(images, list)
+                  else [_count_images(images) // max(len(lengths), 1)] * len(lengths))
+    return sum(vlm_flops(cfg, int(n), k) for n, k in zip(lengths, per_sample))
+
+
+def _build_model(vlm_cfg: VLMConfig, train_cfg: TrainConfig, resume_dir: Path | None):
+    from nanovlm.models import VisionLanguageModel
+
+    source = resume_dir or train_cfg.resume_from_vlm_checkpoint
+    if source is None:
+        return VisionLanguageModel(vlm_cfg, load_backbone=vlm_cfg.vlm_load_backbone_weights)
+    model = VisionLanguageModel.from_pretrained(str(source))
+    loaded = getattr(model, "cfg", None)
+    if loaded is not None and loaded.to_dict() != vlm_cfg.to_dict():
+        changed = sorted(k for k, v in vlm_cfg.to_dict().items() if loaded.to_dict().get(k) != v)
+        logger.warning("The model loaded from %s differs from the given VLMConfig in %s; "
+                       "training continues with the checkpoint's config.", source, changed)
+    return model
+
+
+def _progress_bar(total: int, initial: int, rank: int):
+    enabled = rank == 0 and sys.stderr.isatty()
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------- the loop
+
+def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None = None,
+          resume_from: str | Path | None = None) -> dict[str, Any]:
+    """Train and return the summary (also written to output_dir/summary.json on rank 0).
+
+    resume_from: a training checkpoint (`.../checkpoints/step_XXXXXX`) or a run's output dir
+    (its latest checkpoint). `hooks.resume_dir()`, when set, takes precedence (a restarted
+    Ray worker). Raises NonFiniteLossError on a NaN/inf loss, leaving earlier checkpoints as
+    they were.
+    """
+    from nanovlm.data import VQACollator, build_datasets, get_tokenizer
+
+    wall_start = time.perf_counter()
+    hooks = hooks or TrainHooks()
+    vlm_cfg.validate()
+    train_cfg.validate()
+    rank, world_size = hooks.rank, hooks.world_size
+    output_dir = Path(train_cfg.output_dir)
+    device = hooks.device() or resolve_device(train_cfg.device)
+    amp_dtype = resolve_autocast_dtype(train_cfg.dtype, device)
+
+    def autocast():
+        if amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+    resume_dir = hooks.resume_dir() or resume_from
+    resume_dir = checkpointing.resolve_checkpoint(resume_dir) if resume_dir is not None else None
+
+    # --- model, optimizer, schedule (same seed on every rank: identical initial weights)
+    seed_everything(train_cfg.seed)
+    model = _build_model(vlm_cfg, train_cfg, resume_dir).to(device)
+    vlm_cfg = getattr(model, "cfg", vlm_cfg)
+    model.train()
+    optimizer = build_optimizer(model, train_cfg)
+    scheduler = build_scheduler(optimizer, train_cfg)
+    params = trainable_parameters(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("Model: %.2fM parameters (%.2fM trainable) on %s, autocast %s.", n_params / 1e6,
+                sum(p.numel() for p in params) / 1e6, device, amp_dtype or "off (fp32)")
+
+    start_step, batches_consumed = 0, 0
+    if resume_dir is not None:
+        state = checkpointing.load_train_state(resume_dir)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = int(state["step"])
+        batches_consumed = int(state["data_position"]["batches_consumed"])
+        checkpointing.restore_rng_state(state["rng"])
+        logger.info("Resumed from %s at step %d (%d batches consumed).", resume_dir, start_step, batches_consumed)
+
+    train_model = hooks.wrap_model(model)
+    if train_cfg.compile:
+        train_model = torch.compile(train_model)
+
+    # --- data: the order is a function of (seed, epoch, rank); batches_consumed is the position
+    tokenizer = get_tokenizer(train_cfg.tokenizer_path or vlm_cfg.lm_tokenizer, vlm_cfg.vlm_extra_tokens,
+                              vlm_cfg.lm_chat_template)
+    datasets = build_datasets(vlm_cfg, train_cfg, tokenizer, rank, world_size)
+    train_ds, val_ds = datasets.train, datasets.val
+    collator = VQACollator(tokenizer, vlm_cfg.lm_max_length)
+    sampler = ResumableBatchSampler(len(train_ds), train_cfg.batch_size, train_cfg.seed,
+                                    rank=datasets.sampler_rank, world_size=datasets.sampler_world_size,
+                                    start_batch=batches_consumed)
+    loader = torch.utils.data.DataLoader(
+        train_ds, batch_sampler=sampler, collate_fn=collator, num_workers=train_cfg.dataloader_workers,
+        pin_memory=device.type == "cuda", persistent_workers=train_cfg.dataloader_workers > 0,
+        # a private generator: creating the iterator must not draw from the global RNG
+        generator=torch.Generator().manual_seed(train_cfg.seed))
+    batches = iter(loader)
+
+    peak = train_cfg.peak_flops or measured_peak_flops(device, amp_dtype or torch.float32)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def run_eval(at_step: int) -> dict[str, float]:
+        result = evaluate(model, val_ds, collator, tokenizer, eval_samples=train_cfg.eval_samples,
+                          batch_size=train_cfg.batch_size, max_new_tokens=train_cfg.max_new_tokens_eval,
+                          device=device, autocast=autocast, rank=rank, world_size=world_size)
+        logger.info("step %d eval: %s", at_step, "  ".join(f"{k}={v:.4f}" for k, v in result.items()))
+        hooks.on_eval(at_step, result)
+        return result
+
+    def run_checkpoint(at_step: int, metrics: dict[str, float]) -> Path | None:
+        path = None
+        if rank == 0:
+            path = checkpointing.save_checkpoint(
+                output_dir, at_step, model, optimizer, scheduler, train_cfg, sampler.position(batches_consumed),
+                extra={"metrics": dict(metrics)}, keep=train_cfg.checkpoints_to_keep)
+        if _distributed():
+            dist.barrier()
+        hooks.on_checkpoint(at_step, path, metrics)
+        return path
+
+    # --- steps
+    step = start_step
+    last_metrics: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    last_checkpoint: Path | None = resume_dir
+    totals = {"tokens": 0.0, "samples": 0.0, "images": 0.0, "time": 0.0, "flops_time": 0.0}
+    accumulation = train_cfg.gradient_accumulation_steps
+    bar = _progress_bar(train_cfg.max_training_steps, start_step, rank)
+    try:
+        while step < train_cfg.max_training_steps:
+            step_start = time.perf_counter()
+            data_wait = 0.0
+            loss_sum = 0.0
+            tokens = samples = images = 0
+            flops = 0.0
+            bad: str | None = None
+            for micro in range(accumulation):
+                wait_start = time.perf_counter()
+                batch = _to_device(next(batches), device)
+                data_wait += time.perf_counter() - wait_start
+                position = sampler.position(batches_consumed)
+                batches_consumed += 1
+                last_micro = micro == accumulation - 1
+                sync = contextlib.nullcontext() if last_micro or not hasattr(train_model, "no_sync") \
+                    else train_model.no_sync()
+                with sync:
+                    with autocast():
+                        _, loss = train_model(batch["input_ids"], batch.get("images"),
+                                              attention_mask=batch["attention_mask"], targets=batch["labels"])
+                    loss_value = float(loss.detach())
+                    if not math.isfinite(loss_value) and bad is None:
+                        bad = (f"loss={loss_value} on micro-batch {micro + 1}/{accumulation} "
+                               f"(data position: epoch {position['epoch']}, batch {position['batch_in_epoch']} "
+                               f"of the epoch, {position['batches_consumed']} batches consumed before it)")
+                    # every rank still runs backward, so DDP's all-reduce cannot hang on one rank's NaN
+                    (loss / accumulation).backward()
+                loss_sum += loss_value
+                tokens += int(batch["attention_mask"].sum())
+                samples += int(batch["input_ids"].shape[0])
+                images += _count_images(batch.get("images"))
+                flops += _batch_flops(vlm_cfg, batch)
+
+            max_norm = train_cfg.max_grad_norm if train_cfg.max_grad_norm > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if bad is not None or not math.isfinite(grad_norm):
+                reason = bad or (f"grad_norm={grad_norm} (another worker's loss was not finite, or the "
+                                 f"gradients overflowed)")
+                raise NonFiniteLossError(
+                    f"Non-finite training loss at step {step + 1}: {reason}. Stopped without updating the "
+                    f"weights or writing a checkpoint; the last good checkpoint is "
+                    f"{last_checkpoint or 'none (no checkpoint was written yet)'}. Lower the learning rates, "
+                    f"set max_grad_norm, or inspect that batch.")
+            lrs = current_lrs(optimizer)  # the rates this step used
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            step_time = time.perf_counter() - step_start
+
+            metrics = step_metrics(
+                loss=loss_sum / accumulation, lrs=lrs, grad_norm=grad_norm, step_time=step_time,
+                data_wait=data_wait, local_tokens=tokens, local_samples=samples, local_images=images,
+                local_flops=flops, peak_flops=peak, device=device)
+            totals["time"] += step_time
+            totals["tokens"] += metrics["tokens_per_second"] * step_time
+            totals["samples"] += metrics["samples_per_second"] * step_time
+            totals["images"] += metrics["images_per_second"] * step_time
+            totals["flops_time"] += metrics["mfu"] * step_time
+            last_metrics = metrics
+            hooks.on_step(step, metrics)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
+            if step % train_cfg.log_interval == 0 or step == start_step + 1:
+                logger.info("step %d/%d  loss %.4f  grad_norm %.3f  lr_mp %.2e  %.0f tok/s  mfu %.2f%%  "
+                            "data_wait %.3fs", step, train_cfg.max_training_steps, metrics["loss"], grad_norm,
+                            lrs["lr_mp"], metrics["tokens_per_second"], 100 * metrics["mfu"], data_wait)
+
+            final = step == train_cfg.max_training_steps
+            if step % train_cfg.eval_interval == 0 or final:
+                eval_metrics = run_eval(step)
+            if step % train_cfg.checkpoint_interval == 0 or final:
+                last_checkpoint = run_checkpoint(step, {**metrics, **eval_metrics}) or last_checkpoint
+    finally:
+        if bar is not None:
+            bar.close()
+
+    if not eval_metrics:  # resumed at (or past) the last step: evaluate what we have
+        eval_metrics = run_eval(step)
+
+    summary = _summary(vlm_cfg, train_cfg, step, start_step, time.perf_counter() - wall_start, last_metrics,
+                       eval_metrics, totals, last_checkpoint, resume_dir, getattr(val_ds, "chance", None))
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    hooks.on_end(summary)
+    return summary
+
+
+def _summary(vlm_cfg, train_cfg, step, start_step, wall_time, last_metrics, eval_metrics, totals,
+             last_checkpoint, resume_dir, chance) -> dict[str, Any]:
+    train_time = max(totals["time"], 1e-9)
+    summary: dict[str, Any] = {
+        "steps": step,
+        "steps_this_run": step - start_step,
+        "wall_time_s": wall_time,
+        "train_time_s": totals["time"],
+        "train_loss": last_metrics.get("loss"),
+        **{k: v for k, v in eval_metrics.items()},
+        "tokens_per_second": totals["tokens"] / train_time,
+        "samples_per_second": totals["samples"] / train_time,
+        "images_per_second": totals["images"] / train_time,
+        "mfu": totals["flops_time"] / train_time,
+        "peak_memory_mb": last_metrics.get("peak_memory_mb"),
+        "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+        "resumed_from": str(resume_dir) if resume_dir else None,
+    }
+    if chance:
+        summary["chance"] = {k: float(v) for k, v in dict(chance).items()}
+    summary["config"] = configs_to_dict(vlm_cfg, train_cfg)
+    return summary
