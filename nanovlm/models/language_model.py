@@ -1,0 +1,257 @@
+"""Llama/SmolLM2-style decoder: RMSNorm, rotary embeddings (rotate-half), grouped-query
+attention, SwiGLU MLP, optional tied embeddings, and a preallocated KV cache.
+
+Parameter names match published nanoVLM checkpoints (`token_embedding`, `blocks.{i}.attn.q_proj`,
+`blocks.{i}.mlp.gate_proj`, `blocks.{i}.norm1`, `norm`, `head`, `rotary_embd.inv_freq`).
+Numerically it equals transformers' `LlamaForCausalLM` (tests/test_language_model.py).
+
+Padding is on the left. As in transformers' `generate`, position ids count real tokens only
+(`cumsum(attention_mask) - 1`), so a padded row computes exactly what it would alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanovlm.config import VLMConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x * rsqrt(mean(x^2) + eps) * weight, fused by torch.
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for rotate-half RoPE: theta_i = base^(-2i / head_dim)."""
+
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        head_dim = cfg.lm_hidden_dim // cfg.lm_n_heads
+        inv_freq = 1.0 / (cfg.lm_re_base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        # Persistent: nanoVLM checkpoints carry `decoder.rotary_embd.inv_freq`.
+        self.register_buffer("inv_freq", inv_freq, persistent=True)
+        self.attention_scaling = cfg.lm_attn_scaling
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids [B, T] -> cos, sin [B, 1, T, head_dim] (float32 math, then the model dtype)
+        freqs = position_ids[..., None].float() * self.inv_freq.float()   # [B, T, hd/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(dtype)
+        sin = (emb.sin() * self.attention_scaling).to(dtype)
+        return cos[:, None], sin[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated: [n_layers, B, n_kv_heads, max_len, head_dim].
+
+    Each forward writes its new keys/values at [length, length + T) and advances `length`;
+    nothing is concatenated. `key_mask` [B, max_len] (True = real token) exists only when the
+    prompt had padding; `next_position` [B] is each row's next RoPE position (device tensor,
+    so decoding never syncs with the host).
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+        self.key_mask: torch.Tensor | None = None
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+
+class GroupedQueryAttention(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.n_heads = cfg.lm_n_heads
+        self.n_kv_heads = cfg.lm_n_kv_heads
+        self.n_groups = self.n_heads // self.n_kv_heads
+        self.head_dim = cfg.lm_hidden_dim // cfg.lm_n_heads
+        self.dropout = cfg.lm_dropout
+        d, kv = cfg.lm_hidden_dim, self.n_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, kv, bias=False)
+        self.v_proj = nn.Linear(d, kv, bias=False)
+        self.out_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, D = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)       # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # [B, Hkv, T, hd]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        if cache is not None:
+            start, end = cache.length, cache.length + T
+            cache.k[layer, :, :, start:end] = k
+            cache.v[layer, :, :, start:end] = v
+            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]               # [B, Hkv, L, hd]
+
+        dropout = self.dropout if self.training else 0.0
+        if T == 1 and self.n_groups > 1:
+            # Decode step: fold the query heads of each KV group into the "sequence" axis, so
+            # every KV head is read once instead of being copied n_groups times. Query head
+            # h = kv * n_groups + g, the same grouping as repeat_interleave.
+            qg = q.view(B, self.n_kv_heads, self.n_groups, self.head_dim)
+            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, dropout_p=dropout)
+        else:
+            if self.n_groups > 1:
+                k = k.repeat_interleave(self.n_groups, dim=1)
+                v = v.repeat_interleave(self.n_groups, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, D) if T > 1 else y.reshape(B, 1, D))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.lm_hidden_dim, cfg.lm_inter_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.lm_hidden_dim, cfg.lm_inter_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.lm_inter_dim, cfg.lm_hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LanguageModelBlock(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.lm_hidden_dim, cfg.lm_rms_eps)
+        self.attn = GroupedQueryAttention(cfg)
+        self.norm2 = RMSNorm(cfg.lm_hidden_dim, cfg.lm_rms_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, cos, sin, mask, is_causal, cache=None, layer=0):
+        x = x + self.attn(self.norm1(x), cos, sin, mask, is_causal, cache, layer)
+        return x + self.mlp(self.norm2(x))
+
+
+class LanguageModel(nn.Module):
+    """Token ids [B, T] or embeddings [B, T, D] -> final hidden states [B, T, D].
+
+    `head` turns hidden states into vocabulary logits; the VLM applies it (only to the
+    positions it needs while generating).
+    """
+
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.lm_vocab_size, cfg.lm_hidden_dim)
+        self.rotary_embd = RotaryEmbedding(cfg)
+        self.blocks = nn.ModuleList([LanguageModelBlock(cfg) for _ in range(cfg.lm_n_blocks)])
+        self.norm = RMSNorm(cfg.lm_hidden_dim, cfg.lm_rms_eps)
+        self.head = nn.Linear(cfg.lm_hidden_dim, cfg.lm_vocab_size, bias=False)
+        self.apply(_init_weights)
+        if cfg.lm_tie_weights:
+            self.head.weight = self.token_embedding.weight
+
+    def new_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None) -> KVCache:
+        weight = self.token_embedding.weight
+        return KVCache(len(self.blocks), batch_size, self.cfg.lm_n_kv_heads, max_len,
+                       self.cfg.lm_hidden_dim // self.cfg.lm_n_heads,
+                       dtype or weight.dtype, device or weight.device)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """x: ids [B, T] or embeddings [B, T, D]. attention_mask [B, T] (1 = real token, padding on
+        the left); with a cache it may also cover the cached positions ([B, length + T]).
+        position_ids default to counting real tokens (cumsum of the mask) or continuing the cache."""
+        if not torch.is_floating_point(x):
+            x = self.token_embedding(x)
+        B, T, _ = x.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if kv_cache is not None and past + T > kv_cache.max_len:
+            raise ValueError(f"KV cache holds {kv_cache.max_len} positions; {past} are used and {T} more were given.")
+
+        key_mask = self._key_mask(attention_mask, B, T, past, kv_cache)       # [B, past + T] bool or None
+        if position_ids is None:
+            position_ids = self._position_ids(attention_mask, B, T, past, kv_cache, x.device)
+        mask, is_causal = _attention_mask(key_mask, T, past, x.device)
+        cos, sin = self.rotary_embd(position_ids, x.dtype)
+
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, is_causal, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.length += T
+            kv_cache.next_position = position_ids[:, -1] + 1
+        return self.norm(x)
+
+    @staticmethod
+    def _key_mask(attention_mask, B, T, past, kv_cache) -> torch.Tensor | None:
+        if attention_mask is not None:
+            attention_mask = attention_mask.bool()
+            if attention_mask.shape == (B, past + T):
+                full = attention_mask
+            elif attention_mask.shape == (B, T):
+                prev = kv_cache.key_mask[:, :past] if kv_cache is not None and kv_cache.key_mask is not None \
+                    else torch.ones(B, past, dtype=torch.bool, device=attention_mask.device)
+                full = torch.cat([prev, attention_mask], dim=1)
+            else:
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                                 f"[B, T] = [{B}, {T}] or [B, cached + T] = [{B}, {past + T}].")
+            if kv_cache is not None:
+                if kv_cache.key_mask is None:
+                    kv_cache.key_mask = torch.ones(B, kv_cache.max_len, dtype=torch.bool, device=full.device)
+                kv_cache.key_mask[:, :past + T] = full
+            return full
+        if kv_cache is not None and kv_cache.key_mask is not None:
+            return kv_cache.key_mask[:, :past + T]   # later positions were set to True when allocated
+        return None
+
+    @staticmethod
+    def _position_ids(attention_mask, B, T, past, kv_cache, device) -> torch.Tensor:
+        steps = torch.arange(T, device=device)
+        if past > 0 and kv_cache is not None:
+            return kv_cache.next_position[:, None] + steps                  # [B, T]
+        if attention_mask is not None:
+            mask = attention_mask[:, -T:].long()
+            return (mask.cumsum(-1) - 1).clamp(min=0)                        # 0 at each row's first real token
+        return steps.expand(B, T)
+
+
+def _attention_mask(key_mask: torch.Tensor | None, T: int, past: int, device) -> tuple[torch.Tensor | None, bool]:
+    """Boolean SDPA mask [B, 1, T, past + T] (True = attend), or None with is_causal.
+
+    Query t (absolute position past + t) sees keys j <= past + t that are real tokens, and
+    always itself: a padding query then attends to one key instead of none, which would give
+    NaN rows that leak through 0 * NaN into later layers."""
+    if key_mask is None:
+        if T == 1:
+            return None, False            # one new token sees the whole cache
+        if past == 0:
+            return None, True
+    L = past + T
+    keys = torch.arange(L, device=device)
+    queries = past + torch.arange(T, device=device)
+    causal = keys[None, :] <= queries[:, None]                              # [T, L]
+    if key_mask is None:
+        return causal[None, None], False
+    mask = causal[None, None] & key_mask[:, None, None, :]
+    mask = mask | (keys[None, :] == queries[:, None])[None, None]
+    return mask, False
+
+
+def _init_weights(module: nn.Module) -> None:
+    # Llama's initialisation: N(0, 0.02) for every projection and the embedding.
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)

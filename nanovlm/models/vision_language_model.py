@@ -1,0 +1,231 @@
+"""VisionLanguageModel: ViT -> pixel-shuffle projector -> language model.
+
+Image embeddings replace the image placeholder tokens (`image_token_id`) of the prompt, in
+order; everything else is an ordinary causal language model. Checkpoints are a directory with
+`config.json` (`VLMConfig.to_dict()`) and `model.safetensors`, the layout nanoVLM publishes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanovlm.config import VLMConfig
+from nanovlm.models.checkpoint import load_weights, save_weights
+from nanovlm.models.language_model import LanguageModel
+from nanovlm.models.modality_projector import ModalityProjector
+from nanovlm.models.vision_transformer import ViT
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+# With tied embeddings, nanoVLM's checkpoints may keep only one of these two keys.
+TIED_ALIASES = {"decoder.head.weight": "decoder.token_embedding.weight",
+                "decoder.token_embedding.weight": "decoder.head.weight"}
+
+Images = torch.Tensor | Sequence[torch.Tensor] | None
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, cfg: VLMConfig, load_backbone: bool = False):
+        super().__init__()
+        if load_backbone:
+            from nanovlm.models import hf_import
+            cfg = hf_import.configure_from_backbones(cfg)
+        self.cfg = cfg.validate()
+        self.vision_encoder = ViT(cfg)
+        self.MP = ModalityProjector(cfg)
+        self.decoder = LanguageModel(cfg)
+        self.image_token_id = cfg.image_token_id
+        if load_backbone:
+            hf_import.load_backbones(self)
+
+    # ------------------------------------------------------------------ forward
+    def embed(self, input_ids: torch.Tensor, images: Images = None) -> torch.Tensor:
+        """Token embeddings [B, T, D] with the image placeholders replaced by image embeddings."""
+        embeds = self.decoder.token_embedding(input_ids)
+        is_image = input_ids == self.image_token_id                             # [B, T]
+        per_image = self.cfg.mp_image_token_length
+        if isinstance(images, (list, tuple)):
+            if len(images) != input_ids.shape[0]:
+                raise ValueError(f"images is a list of {len(images)} entries but input_ids has "
+                                 f"{input_ids.shape[0]} rows; give one tensor [n_i, 3, H, W] per sample.")
+            images = [im if im.dim() == 4 else im.unsqueeze(0) for im in images]
+            counts = is_image.sum(dim=1).tolist()
+            for row, (count, im) in enumerate(zip(counts, images)):
+                if count != im.shape[0] * per_image:
+                    raise ValueError(
+                        f"Sample {row} has {count} image placeholder tokens (id {self.image_token_id}) but "
+                        f"{im.shape[0]} image(s) x mp_image_token_length={per_image} = {im.shape[0] * per_image} "
+                        "image embeddings. Put mp_image_token_length placeholders per image in the prompt.")
+            images = [im for im in images if im.shape[0] > 0]
+            images = torch.cat(images) if images else None
+        else:
+            count = int(is_image.sum())
+            n_images = 0 if images is None else images.shape[0]
+            if count != n_images * per_image:
+                raise ValueError(
+                    f"input_ids hold {count} image placeholder tokens (id {self.image_token_id}) but "
+                    f"{n_images} image(s) x mp_image_token_length={per_image} = {n_images * per_image} image "
+                    "embeddings were given. Put mp_image_token_length placeholders per image in the prompt.")
+        if images is None or images.shape[0] == 0:
+            return embeds
+        image_embeds = self.MP(self.vision_encoder(images.to(embeds.dtype)))   # [N, per_image, D]
+        return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
+
+    def forward(self, input_ids: torch.Tensor, images: Images = None, attention_mask: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """input_ids [B, T]; images [N, 3, H, W] in placeholder order, or one [n_i, 3, H, W] per
+        sample; attention_mask [B, T] (1 = real token, left padding); targets [B, T], already
+        shifted, -100 = ignored. Returns (logits [B, T, V], loss or None)."""
+        hidden = self.decoder(self.embed(input_ids, images), attention_mask=attention_mask)
+        logits = self.decoder.head(hidden)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                   ignore_index=-100)
+        return logits, loss
+
+    # ------------------------------------------------------------------ generation
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, images: Images = None, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int = 32, greedy: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+                 eos_check_interval: int = 4) -> torch.Tensor:
+        """New token ids [B, max_new_tokens]: one prefill, then one cached decode step per token.
+
+        Prompts are left-padded. Once a row emits `eos_token_id` the rest of it is EOS; decoding
+        stops when every row has finished (checked every `eos_check_interval` steps, the only
+        host sync of the loop)."""
+        B, T = input_ids.shape
+        if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+            raise ValueError("generate needs left padding: attention_mask[:, -1] must be 1 for every row.")
+        fill = eos_token_id if eos_token_id is not None else 0
+        out = torch.full((B, max_new_tokens), fill, dtype=torch.long, device=input_ids.device)
+        if max_new_tokens <= 0:
+            return out
+        cache = self.decoder.new_kv_cache(B, T + max_new_tokens)
+        hidden = self.decoder(self.embed(input_ids, images), attention_mask=attention_mask, kv_cache=cache)
+        logits = self.decoder.head(hidden[:, -1])                                # [B, V]
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            token = sample_next_token(logits, greedy, temperature, top_k, top_p)  # [B]
+            if eos_token_id is not None:
+                token = token.masked_fill(finished, eos_token_id)
+                finished |= token == eos_token_id
+            out[:, step] = token
+            if step == max_new_tokens - 1:
+                break
+            if eos_token_id is not None and (step + 1) % eos_check_interval == 0 and bool(finished.all()):
+                break
+            hidden = self.decoder(token[:, None], kv_cache=cache)
+            logits = self.decoder.head(hidden[:, -1])
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        path = Path(save_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        self.cfg.to_json(path / CONFIG_NAME)
+        save_weights(self, path / WEIGHTS_NAME)
+
+    @classmethod
+    def from_pretrained(cls, repo_id_or_path: str | os.PathLike, revision: str | None = None) -> "VisionLanguageModel":
+        """A local checkpoint directory or a Hub repo id (downloaded with huggingface_hub).
+        Directories holding an Idefics3/SmolVLM checkpoint are imported (see `from_idefics3`)."""
+        path = Path(repo_id_or_path)
+        if not path.is_dir():
+            if path.exists() or str(repo_id_or_path).startswith((".", "/", "~")):
+                raise FileNotFoundError(f"Checkpoint {repo_id_or_path} is not a directory with {CONFIG_NAME} "
+                                        f"and {WEIGHTS_NAME}.")
+            from huggingface_hub import snapshot_download
+            path = Path(snapshot_download(str(repo_id_or_path), revision=revision,
+                                          allow_patterns=["*.json", "*.safetensors", "*.md"]))
+        config_path = path / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"Checkpoint directory {path} has no {CONFIG_NAME}.")
+        raw = json.loads(config_path.read_text())
+        if raw.get("model_type") in ("idefics3", "smolvlm"):
+            return cls.from_idefics3(path)
+        cfg = VLMConfig.from_dict(raw, strict=False)
+        model = cls(cfg, load_backbone=False)
+        load_weights(model, path / WEIGHTS_NAME, aliases=TIED_ALIASES if cfg.lm_tie_weights else None,
+                     optional=("rotary_embd.inv_freq",))
+        return model
+
+    @classmethod
+    def from_idefics3(cls, repo_id_or_path: str | os.PathLike, revision: str | None = None) -> "VisionLanguageModel":
+        """Import a whole Idefics3 / SmolVLM checkpoint (same SigLIP + pixel shuffle + Llama)."""
+        from nanovlm.models import hf_import
+        return hf_import.load_idefics3(cls, repo_id_or_path, revision=revision)
+
+    def push_to_hub(self, repo_id: str, private: bool = False, commit_message: str = "Upload nanoVLM model") -> str:
+        """Create (or reuse) a Hub model repo and upload config, weights and a model card."""
+        from huggingface_hub import create_repo, upload_folder
+        repo_id = create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            (Path(tmp) / "README.md").write_text(model_card(repo_id, self))
+            upload_folder(repo_id=repo_id, repo_type="model", folder_path=tmp, commit_message=commit_message)
+        logger.info("Uploaded %s to https://huggingface.co/%s", type(self).__name__, repo_id)
+        return repo_id
+
+
+def sample_next_token(logits: torch.Tensor, greedy: bool = False, temperature: float = 1.0,
+                      top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]: argmax, or a sample after temperature, top-k and top-p."""
+    if greedy or temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass
+        # (so the most likely token always stays).
+        drop = probs.cumsum(dim=-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1).squeeze(-1)
+
+
+def model_card(repo_id: str, model: VisionLanguageModel) -> str:
+    cfg = model.cfg
+    n_params = sum(p.numel() for p in model.parameters())
+    return f"""---
+library_name: nanovlm
+license: mit
+pipeline_tag: image-text-to-text
+tags:
+  - vision-language
+  - multimodal
+  - nanovlm
+---
+
+# {repo_id}
+
+A nanoVLM-style vision-language model ({n_params / 1e6:.1f}M parameters) trained with nanovlm-ray:
+a SigLIP-style vision encoder ({cfg.vit_n_blocks} blocks, width {cfg.vit_hidden_dim}, {cfg.vit_img_size} px,
+patch {cfg.vit_patch_size}), a pixel-shuffle projector (factor {cfg.mp_pixel_shuffle_factor},
+{cfg.mp_image_token_length} tokens per image) and a Llama-style decoder ({cfg.lm_n_blocks} blocks, width
+{cfg.lm_hidden_dim}, vocabulary {cfg.lm_vocab_size}). Tokenizer: `{cfg.lm_tokenizer}`.
+
+```python
+from nanovlm.models import VisionLanguageModel
+
+model = VisionLanguageModel.from_pretrained("{repo_id}")
+```
+
+or from the command line: `nanovlm generate --checkpoint {repo_id} --image photo.jpg --prompt "What is in the image?"`
+"""
