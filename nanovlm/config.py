@@ -194,7 +194,9 @@ class VLMConfig:
                 f"mp_pixel_shuffle_factor={self.mp_pixel_shuffle_factor} gives "
                 f"{self.expected_image_token_length()} image tokens; set "
                 f"mp_image_token_length={self.expected_image_token_length()}.")
-        if self.extra_token_amount < len(self.vlm_extra_tokens):
+        # With an explicit vlm_image_token_id (e.g. an imported SmolVLM) the tokens already
+        # exist in the base vocabulary, so no rows need to be added.
+        if self.vlm_image_token_id is None and self.extra_token_amount < len(self.vlm_extra_tokens):
             errors.append(
                 f"extra_token_amount={self.extra_token_amount} is smaller than the "
                 f"{len(self.vlm_extra_tokens)} vlm_extra_tokens; set extra_token_amount="
