@@ -1,0 +1,260 @@
+"""Driver side of a Ray Train run: validate, check the cluster and the tracking store, fit.
+
+`run_training(vlm_cfg, train_cfg, preset_name=...)` is the one path behind both front doors
+(`nanovlm train --num-workers N` and `ray job submit ... python jobs/train.py`). Everything that
+can fail in a second fails here, before a worker starts: config validation, cluster resources,
+the MLflow store. `build_trainer` is the piece Ray Tune reuses inside its trainable (pass
+`callbacks=[TuneReportCallback()]` and a child-run `tracking` spec).
+
+Scaling, storage and failure policy are declared in one place:
+
+    ScalingConfig(num_workers, use_gpu, resources_per_worker={"CPU": cpus_per_worker})
+    RunConfig(storage_path, name, CheckpointConfig(num_to_keep), FailureConfig(max_failures))
+
+A run lives in `storage_path/name`. Running again with the same name resumes it from its latest
+checkpoint (Train V2 reloads the checkpoint manager's snapshot; `TorchTrainer.restore` is gone).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from nanovlm import tracking
+from nanovlm.config import ConfigError, TrainConfig, VLMConfig, configs_to_dict
+
+logger = logging.getLogger(__name__)
+
+RUN_STATE_FILE = "nanovlm_run.json"        # in storage_path/name: config + MLflow run id, for resuming
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Train V2 writes it once a checkpoint exists
+AUTOSCALING_ENV = "NANOVLM_AUTOSCALING"     # "1": the cluster may add nodes, do not refuse a short cluster
+
+
+class ClusterResourceError(RuntimeError):
+    """The Ray cluster cannot host the requested workers."""
+
+
+# ==================================================================== configuration
+
+def default_storage_path() -> str:
+    return str(tracking.nanovlm_home() / "ray_results")
+
+
+def resolve_storage_path(storage_path: Optional[str]) -> str:
+    """An absolute local path, or a URI (s3://, gs://: shared storage for multi-node clusters) as given."""
+    storage = storage_path or default_storage_path()
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+
+
+def default_run_name(preset_name: Optional[str]) -> str:
+    return f"{preset_name or 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_configs(vlm_cfg: VLMConfig, train_cfg: TrainConfig) -> tuple[VLMConfig, TrainConfig]:
+    """Validate both configs (raises ConfigError) and make `output_dir` absolute, so every worker
+    writes where the driver meant rather than under Ray's per-run working directory."""
+    vlm_cfg.validate()
+    train_cfg.validate()
+    if train_cfg.use_gpu and train_cfg.device == "cpu":
+        raise ConfigError("use_gpu=True but device='cpu'; set device='auto' (or 'cuda') to train on GPUs.")
+    if not train_cfg.use_gpu and train_cfg.device == "cuda":
+        raise ConfigError("device='cuda' needs use_gpu=True (--gpu) so that Ray gives each worker a GPU.")
+    output_dir = str(Path(train_cfg.output_dir).expanduser().resolve())
+    return vlm_cfg, train_cfg.replace(output_dir=output_dir)
+
+
+def worker_config(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Optional[str] = None,
+                  tracking_spec: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The `train_loop_config` of `train_worker`: configs_to_dict plus run metadata."""
+    return {**configs_to_dict(vlm_cfg, train_cfg),
+            "run": {"preset": preset_name, "tracking": tracking_spec}}
+
+
+def build_trainer(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, run_name: Optional[str] = None,
+                  preset_name: Optional[str] = None, tracking_spec: Optional[dict[str, Any]] = None,
+                  callbacks: Sequence[Any] = (), storage_path: Optional[str] = None):
+    """A `TorchTrainer` for these configs (validated first).
+
+    tracking_spec: None turns MLflow off in the workers; otherwise a dict with any of `uri`,
+    `experiment_name`, `run_id` (log into an existing run), `parent_run_id` (create a nested
+    run, e.g. one per Tune trial), `run_name`, `tags`.
+    callbacks: extra Train callbacks, e.g. `ray.tune.integration.ray_train.TuneReportCallback()`.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from nanovlm.distributed.worker import train_worker
+
+    vlm_cfg, train_cfg = prepare_configs(vlm_cfg, train_cfg)
+    storage = resolve_storage_path(storage_path or train_cfg.storage_path)
+    resources = {"CPU": train_cfg.cpus_per_worker}
+    if train_cfg.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker=train_worker,
+        train_loop_config=worker_config(vlm_cfg, train_cfg, preset_name=preset_name, tracking_spec=tracking_spec),
+        torch_config=TorchConfig(backend="nccl" if train_cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name or default_run_name(preset_name),
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=train_cfg.max_failures),
+            callbacks=list(callbacks) or None,
+        ),
+    )
+
+
+# ==================================================================== the cluster
+
+def ensure_ray() -> None:
+    """Connect to the running cluster (RAY_ADDRESS, e.g. inside a submitted job, or the latest
+    local cluster); if there is none, start a local one that listens on 127.0.0.1 only."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Keeps Ray's listeners on the loopback address on Linux (see docs/ray.md).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    try:
+        ray.init(address="auto", log_to_driver=True)
+        logger.info("Connected to the Ray cluster at %s", ray.get_runtime_context().gcs_address)
+        return
+    except ConnectionError:
+        pass
+    logger.info("No running Ray cluster found; starting a local one on 127.0.0.1.")
+    ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
+
+
+def check_cluster_resources(train_cfg: TrainConfig, resources: Optional[dict[str, float]] = None) -> None:
+    """Refuse a run the cluster cannot host (it would wait forever for its placement group).
+
+    Skipped when `NANOVLM_AUTOSCALING=1` (an autoscaling cluster adds nodes on demand)."""
+    if os.environ.get(AUTOSCALING_ENV) == "1":
+        return
+    if resources is None:
+        import ray
+
+        resources = ray.cluster_resources()
+    need_cpu = train_cfg.num_workers * train_cfg.cpus_per_worker
+    have_cpu = float(resources.get("CPU", 0))
+    problems = []
+    if need_cpu > have_cpu + 1e-9:
+        fit = int(have_cpu // train_cfg.cpus_per_worker)
+        problems.append(
+            f"num_workers={train_cfg.num_workers} x cpus_per_worker={train_cfg.cpus_per_worker} needs "
+            f"{need_cpu:g} CPUs but the cluster has {have_cpu:g}. Use --num-workers {max(fit, 1)}"
+            f"{'' if fit else ' with a smaller cpus_per_worker'}, lower cpus_per_worker "
+            f"(--set cpus_per_worker={have_cpu / train_cfg.num_workers:g}), or add nodes.")
+    if train_cfg.use_gpu:
+        have_gpu = float(resources.get("GPU", 0))
+        if train_cfg.num_workers > have_gpu:
+            problems.append(f"num_workers={train_cfg.num_workers} with --gpu needs {train_cfg.num_workers} GPUs "
+                            f"(one per worker) but the cluster has {have_gpu:g}.")
+    if problems:
+        raise ClusterResourceError(" ".join(problems) + f" (Set {AUTOSCALING_ENV}=1 if the cluster autoscales.)")
+
+
+# ==================================================================== runs
+
+def run_dir(storage: str, name: str) -> Path:
+    return Path(storage).expanduser() / name
+
+
+def can_resume(storage: str, name: str) -> bool:
+    """True when `storage/name` holds a run with at least one checkpoint."""
+    return (run_dir(storage, name) / SNAPSHOT_FILE).exists()
+
+
+def _load_run_state(storage: str, name: str) -> Optional[dict[str, Any]]:
+    path = run_dir(storage, name) / RUN_STATE_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _save_run_state(storage: str, name: str, state: dict[str, Any]) -> None:
+    path = run_dir(storage, name) / RUN_STATE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(state, indent=2) + "\n")
+
+
+def _check_resume_compatible(previous: dict[str, Any], vlm_cfg: VLMConfig, name: str) -> None:
+    old = previous.get("config", {}).get("vlm", {})
+    changed = sorted(k for k, v in vlm_cfg.to_dict().items() if k in old and old[k] != v)
+    if changed:
+        raise ConfigError(
+            f"Run {name!r} was started with a different model: {', '.join(f'{k}={old[k]!r}' for k in changed)}. "
+            "Resume it with the same model settings, or choose a new --run-name.")
+
+
+def run_training(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Optional[str] = None,
+                 run_name: Optional[str] = None, tracking_uri: Optional[str] = None,
+                 track: bool = True) -> dict[str, Any]:
+    """Train on Ray Train and return a summary dict.
+
+    Order matters: configs, then the MLflow store, then the cluster's resources, and only then
+    workers. `run_name` of an existing run in the storage path resumes it from its latest
+    checkpoint (and keeps logging into its MLflow run)."""
+    import ray.train
+
+    vlm_cfg, train_cfg = prepare_configs(vlm_cfg, train_cfg)
+    storage = resolve_storage_path(train_cfg.storage_path)
+    name = run_name or default_run_name(preset_name)
+    uri = (tracking_uri or tracking.default_tracking_uri()) if track else None
+    if uri is not None:
+        tracking.check_tracking_store(uri)
+
+    ensure_ray()
+    check_cluster_resources(train_cfg)
+
+    previous = _load_run_state(storage, name) if "://" not in storage else None
+    resuming = previous is not None and can_resume(storage, name)
+    if resuming:
+        _check_resume_compatible(previous, vlm_cfg, name)
+        logger.info("Resuming run %r from %s", name, run_dir(storage, name))
+    config = configs_to_dict(vlm_cfg, train_cfg)
+    spec = None
+    if uri is not None:
+        run_id = previous.get("mlflow_run_id") if previous else None
+        if run_id is None:
+            device_type = "cuda" if train_cfg.use_gpu else "cpu"
+            tags = tracking.run_tags(config, preset=preset_name, world_size=train_cfg.num_workers,
+                                     device_type=device_type, extra={"ray_run_name": name, "ray_storage": storage})
+            run_id = tracking.create_run(config, uri=uri, experiment_name=train_cfg.experiment_name,
+                                         run_name=name, tags=tags)
+        spec = {"uri": uri, "run_id": run_id, "experiment_name": train_cfg.experiment_name}
+    if "://" not in storage:
+        _save_run_state(storage, name, {"config": config, "preset": preset_name,
+                                        "mlflow_run_id": spec and spec["run_id"], "tracking_uri": uri})
+
+    trainer = build_trainer(vlm_cfg, train_cfg, run_name=name, preset_name=preset_name,
+                            tracking_spec=spec, storage_path=storage)
+    status = "FAILED"
+    try:
+        result = trainer.fit()
+        status = "FINISHED"
+    except ray.train.TrainingFailedError as exc:
+        raise RuntimeError(
+            f"Training run {name!r} failed: {exc}. Its checkpoints are in {run_dir(storage, name)}; run again "
+            f"with --run-name {name} to resume from the latest one.") from exc
+    finally:
+        if spec is not None:
+            tracking.terminate_run(spec["run_id"], status, uri)
+
+    summary_path = Path(train_cfg.output_dir) / "summary.json"
+    summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary.update({
+        "run_name": name,
+        "storage_path": storage,
+        "ray_path": result.path,
+        "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
+        "ray_checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "mlflow_run_id": spec and spec["run_id"],
+        "tracking_uri": uri,
+        "resumed": resuming,
+    })
+    return summary
