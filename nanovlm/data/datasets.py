@@ -1,0 +1,309 @@
+"""Rows -> training samples: load rows (shapes, local dirs, the Hub), build `VQADataset`s.
+
+Rows follow the nanoVLM schema: `images` (list of PIL images) and `texts` (list of
+{"user", "assistant"} turns); `image` / `question` + `answer` columns are accepted too.
+A row with no usable turn, an unreadable image, or a prompt longer than `lm_max_length` is
+skipped and counted (`VQADataset.skipped`), never fatal.
+
+`build_datasets(vlm_cfg, train_cfg, tokenizer, rank, world_size)` is what the training loop
+(and each Ray Train worker) calls: train and validation `VQADataset`s, sharded per rank.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import string
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from PIL import Image
+
+from nanovlm.data.prompts import IGNORE_INDEX, ConversationEncoder
+from nanovlm.data.shapes import ShapesRows
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_QUESTION_TYPE = "default"
+
+
+# ==================================================================== answers
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, punctuation and articles removed, whitespace collapsed: for exact match."""
+    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION))
+    return " ".join(text.split())
+
+
+# ==================================================================== row normalisation
+
+def row_turns(row: dict[str, Any]) -> list[tuple[str, str]]:
+    """The usable (user, assistant) turns of a row: both sides non-empty strings."""
+    texts = row.get("texts")
+    if texts is None and "question" in row and "answer" in row:
+        texts = [{"user": row["question"], "assistant": row["answer"]}]
+    if texts is None and "user" in row and "assistant" in row:
+        texts = [{"user": row["user"], "assistant": row["assistant"]}]
+    if isinstance(texts, dict):
+        texts = [texts]
+    turns = []
+    for turn in texts or []:
+        if not isinstance(turn, dict):
+            continue
+        user, assistant = turn.get("user"), turn.get("assistant")
+        if isinstance(user, str) and isinstance(assistant, str) and user.strip() and assistant.strip():
+            turns.append((user, assistant))
+    return turns
+
+
+def row_images(row: dict[str, Any]) -> list[Any]:
+    images = row.get("images")
+    if images is None and row.get("image") is not None:
+        images = [row["image"]]
+    if images is None:
+        return []
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+def open_image(image: Any) -> Image.Image:
+    """A PIL image from what a row holds: a PIL image, or datasets' undecoded {bytes, path}."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, dict) and (image.get("bytes") or image.get("path")):
+        source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+        opened = Image.open(source)
+        opened.load()
+        return opened
+    raise ValueError(f"not an image: {type(image).__name__}")
+
+
+def _text_rows(rows: Sequence[dict]) -> Iterator[dict[str, Any]]:
+    """Rows with images left undecoded (cheap to scan)."""
+    if hasattr(rows, "text_row"):  # ShapesRows: skip drawing
+        yield from (rows.text_row(i) for i in range(len(rows)))
+        return
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover
+        datasets = None
+    if datasets is not None and isinstance(rows, datasets.Dataset):
+        undecoded = rows
+        for name, feature in rows.features.items():
+            if _has_image_feature(feature):
+                undecoded = undecoded.cast_column(name, _undecoded_feature(feature))
+        for batch in undecoded.iter(batch_size=1000):
+            columns = list(batch)
+            for values in zip(*(batch[c] for c in columns)):
+                yield dict(zip(columns, values))
+        return
+    yield from rows
+
+
+def _has_image_feature(feature: Any) -> bool:
+    from datasets import Image as ImageFeature
+    return isinstance(feature, ImageFeature) or isinstance(getattr(feature, "feature", None), ImageFeature)
+
+
+def _undecoded_feature(feature: Any) -> Any:
+    from datasets import Image as ImageFeature, List
+    if isinstance(feature, ImageFeature):
+        return ImageFeature(decode=False)
+    return List(ImageFeature(decode=False))
+
+
+# ==================================================================== samples
+
+class VQADataset(torch.utils.data.Dataset):
+    """Samples for the VLM: ids with image placeholders, shifted labels, processed images.
+
+    Item keys: `input_ids` [L], `labels` [L] (already shifted: labels[t] is the target of
+    position t, i.e. input_ids[t+1] where it is an answer token or its end token, else -100),
+    `attention_mask` [L], `images` [n, 3, H, W], `prompt_ids` [P] (input_ids before the last
+    answer, for generation), `question_type`, `answer` (the last assistant turn).
+    """
+
+    def __init__(self, rows: Sequence[dict], tokenizer, image_processor, cfg, max_length: int | None = None,
+                 verify_images: bool = False, name: str = "dataset"):
+        self.rows = rows
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.max_length = max_length or cfg.lm_max_length
+        self.name = name
+        self.encoder = ConversationEncoder(tokenizer, cfg.mp_image_token_length)
+        self.skipped: Counter[str] = Counter()  # reason -> rows skipped while scanning
+        self.skipped_at_load = 0                # unreadable images met in __getitem__ (this process)
+        self.indices = self._scan(verify_images)
+
+    def _scan(self, verify_images: bool) -> list[int]:
+        kept = []
+        total = 0
+        for i, row in enumerate(_text_rows(self.rows)):
+            total += 1
+            turns = row_turns(row)
+            if not turns:
+                self.skipped["no_usable_turns"] += 1
+                continue
+            images = row_images(row)
+            if any(image is None for image in images) and not hasattr(self.rows, "text_row"):
+                self.skipped["unreadable_image"] += 1
+                continue
+            if verify_images:
+                try:
+                    for image in images:
+                        open_image(image)
+                except Exception as exc:  # PIL raises many types for broken files
+                    logger.debug("%s row %d: unreadable image (%s)", self.name, i, exc)
+                    self.skipped["unreadable_image"] += 1
+                    continue
+            if len(self.encoder.encode(tuple(turns), len(images)).input_ids) > self.max_length:
+                self.skipped["too_long"] += 1
+                continue
+            kept.append(i)
+        if self.skipped:
+            logger.warning("%s: kept %d of %d rows; skipped %s.", self.name, len(kept), total, dict(self.skipped))
+        else:
+            logger.info("%s: %d rows.", self.name, len(kept))
+        return kept
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values()) + self.skipped_at_load
+
+    def shard(self, rank: int, world_size: int) -> "VQADataset":
+        """Keep this rank's share: disjoint across ranks, the same length on every rank
+        (the last len % world_size samples are dropped)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size}).")
+        per_rank = len(self.indices) // world_size
+        self.indices = self.indices[rank::world_size][:per_rank]
+        return self
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        # An image that cannot be decoded now (lazy decoding) is replaced by the next sample.
+        for attempt in range(len(self.indices)):
+            index = self.indices[(k + attempt) % len(self.indices)]
+            try:
+                return self._item(self.rows[index])
+            except (OSError, ValueError, SyntaxError) as exc:
+                self.skipped_at_load += 1
+                logger.warning("%s row %d: unreadable image (%s); using the next row.", self.name, index, exc)
+        raise RuntimeError(f"{self.name}: no row has a readable image.")
+
+    def _item(self, row: dict[str, Any]) -> dict[str, Any]:
+        images = [self.image_processor(open_image(image)) for image in row_images(row)]
+        encoded = self.encoder.encode(tuple(row_turns(row)), len(images))
+        input_ids = torch.tensor(encoded.input_ids, dtype=torch.long)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        labels[:-1] = torch.tensor(encoded.labels[1:], dtype=torch.long)  # position t predicts t+1
+        size = self.image_processor.img_size
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": torch.ones_like(input_ids),
+            "images": torch.stack(images) if images else torch.empty(0, 3, size, size),
+            "prompt_ids": torch.tensor(encoded.prompt_ids, dtype=torch.long),
+            "question_type": row.get("question_type") or DEFAULT_QUESTION_TYPE,
+            "answer": encoded.answer,
+        }
+
+
+# ==================================================================== row loading
+
+def load_rows(train_cfg, img_size: int = 64) -> tuple[Sequence[dict], Sequence[dict] | None, bool]:
+    """(train rows, validation rows or None, local) for TrainConfig.train_dataset_path."""
+    path = train_cfg.train_dataset_path
+    if path == "shapes":
+        common = dict(seed=train_cfg.shapes_seed, max_objects=train_cfg.shapes_max_objects,
+                      question_types=train_cfg.shapes_question_types, img_size=img_size)
+        train_size = train_cfg.shapes_train_size
+        if train_cfg.data_cutoff_idx is not None:
+            train_size = min(train_size, train_cfg.data_cutoff_idx)
+        return (ShapesRows("train", train_size, **common),
+                ShapesRows("validation", train_cfg.shapes_eval_size, **common), False)
+    local = Path(path).expanduser().exists()
+    data = _load_local(Path(path).expanduser()) if local else _load_hub(path, train_cfg.train_dataset_name)
+    train, val = _pick_splits(data, train_cfg.val_ratio, train_cfg.seed, path)
+    if train_cfg.data_cutoff_idx is not None:
+        train = train.select(range(min(len(train), train_cfg.data_cutoff_idx)))
+    return train, val, local
+
+
+def _load_local(path: Path):
+    import datasets
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        return datasets.load_from_disk(str(path))
+    if path.is_file() and path.suffix == ".parquet":
+        return datasets.load_dataset("parquet", data_files=str(path))
+    if path.is_dir() and any(path.rglob("*.parquet")):
+        return datasets.load_dataset("parquet", data_dir=str(path))
+    if path.is_dir():
+        return datasets.load_dataset("imagefolder", data_dir=str(path))
+    raise ValueError(f"train_dataset_path={str(path)!r}: expected a save_to_disk directory, parquet "
+                     "file(s) or an imagefolder directory with metadata.jsonl.")
+
+
+def _load_hub(path: str, names: str):
+    """the_cauldron-style: one config per comma-separated name, train splits concatenated."""
+    import datasets
+    subsets = [n.strip() for n in names.split(",") if n.strip()]
+    if subsets in ([], ["all"]):
+        subsets = datasets.get_dataset_config_names(path)
+    parts = {}
+    for subset in subsets:
+        logger.info("Loading %s / %s from the Hub.", path, subset)
+        loaded = datasets.load_dataset(path, subset)
+        for split, ds in loaded.items():
+            parts.setdefault(split, []).append(ds)
+    if "validation" in parts and len(parts["validation"]) != len(subsets):
+        del parts["validation"]  # only some subsets have one: split everything by val_ratio instead
+    return datasets.DatasetDict({split: datasets.concatenate_datasets(p) for split, p in parts.items()})
+
+
+def _pick_splits(data, val_ratio: float, seed: int, path: str):
+    import datasets
+    if isinstance(data, datasets.DatasetDict):
+        for name in ("validation", "val"):
+            if name in data and "train" in data:
+                return data["train"], data[name]
+        if "train" not in data and len(data) != 1:
+            raise ValueError(f"train_dataset_path={path!r} has splits {list(data)} and none is 'train'.")
+        data = data["train"] if "train" in data else next(iter(data.values()))
+    n_val = round(len(data) * val_ratio)
+    if val_ratio > 0 and n_val == 0 and len(data) > 1:
+        n_val = 1
+    if n_val == 0:
+        logger.warning("%s: no validation split and val_ratio=%s: no validation set.", path, val_ratio)
+        return data, None
+    split = data.train_test_split(test_size=n_val, seed=seed, shuffle=True)
+    return split["train"], split["test"]
+
+
+def build_datasets(vlm_cfg, train_cfg, tokenizer, rank: int = 0, world_size: int = 1,
+                   image_processor=None, shard_val: bool = True) -> tuple[VQADataset, VQADataset | None]:
+    """Train and validation `VQADataset`s for this rank (disjoint, equal-length shards)."""
+    from nanovlm.data.processors import get_image_processor
+    if tokenizer.image_token_id != vlm_cfg.image_token_id:
+        raise ValueError(f"The tokenizer gives {tokenizer.image_token!r} id {tokenizer.image_token_id} but "
+                         f"VLMConfig.image_token_id is {vlm_cfg.image_token_id} (lm_base_vocab_size="
+                         f"{vlm_cfg.lm_base_vocab_size}); set lm_base_vocab_size to the tokenizer's base "
+                         "vocabulary or vlm_image_token_id to the tokenizer's id.")
+    image_processor = image_processor or get_image_processor(vlm_cfg.vit_img_size)
+    train_rows, val_rows, local = load_rows(train_cfg, vlm_cfg.vit_img_size)
+    common = dict(tokenizer=tokenizer, image_processor=image_processor, cfg=vlm_cfg, verify_images=local)
+    train = VQADataset(train_rows, name="train", **common).shard(rank, world_size)
+    val = None
+    if val_rows is not None:
+        val = VQADataset(val_rows, name="validation", **common)
+        if shard_val:
+            val.shard(rank, world_size)
+    return train, val

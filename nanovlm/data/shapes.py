@@ -1,0 +1,352 @@
+"""`shapes`: the built-in offline VQA dataset of coloured shapes on a plain background.
+
+Every sample is a pure function of (seed, split, index): a scene of 1..max_objects solid shapes
+(one per cell of a 3x3 grid, each (colour, shape) pair at most once) and one question about it
+with a short exact answer. Splits never share an image: a scene belongs to the split its content
+hash falls in (`SPLIT_BUCKETS`), and a generator for one split redraws until it gets one of its
+own. Answers are drawn uniformly per question type, so guessing the majority answer scores about
+1 / (number of answers); `chance_per_type` measures it.
+
+Rows follow the nanoVLM schema: `images` [PIL], `texts` [{user, assistant}], plus
+`question_type` and `answer`. `ShapesRows` generates them lazily (for training);
+`shapes_dataset` materialises a split as a Hugging Face `datasets.Dataset`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Iterator, Sequence
+
+from PIL import Image, ImageDraw
+
+DATA_VERSION = "1"  # bump when scenes, questions or drawing change: invalidates caches
+
+SHAPES = ("circle", "square", "triangle", "star", "diamond")
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+    "yellow": (240, 210, 30), "purple": (140, 60, 190), "orange": (245, 140, 20),
+}
+SIZES = ("small", "large")
+POSITIONS = ("top left", "top", "top right", "left", "middle", "right",
+             "bottom left", "bottom", "bottom right")  # 3x3 grid, row-major
+QUESTION_TYPES = ("colour", "shape", "position", "size", "count", "exists", "caption")
+MAX_OBJECTS = len(POSITIONS)
+
+# A scene's split is its content hash modulo 100, in [lo, hi).
+SPLIT_BUCKETS = {"train": (0, 80), "validation": (80, 90), "test": (90, 100)}
+
+# Geometry in pixels of a 64 px image (scaled for other sizes). A large shape never exceeds a
+# grid cell (64/3 = 21.3 px) by its minimum side, so a scene can always be laid out without overlap.
+SIDE_RANGE = {"small": (12, 16), "large": (20, 26)}
+JITTER = 3
+BACKGROUND = (255, 255, 255)
+_BASE = 64.0
+_CELL = _BASE / 3
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    shape: str
+    colour: str
+    size: str
+    cell: int      # index into POSITIONS
+    cx: float      # centre and side in 64 px units
+    cy: float
+    side: int
+
+    @property
+    def position(self) -> str:
+        return POSITIONS[self.cell]
+
+    def describe(self) -> str:
+        return f"{_article(self.size)} {self.size} {self.colour} {self.shape} in the {self.position}"
+
+
+@dataclass(frozen=True)
+class ShapesSample:
+    objects: tuple[ShapeObject, ...]
+    question_type: str
+    question: str
+    answer: str
+
+
+def parse_question_types(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """'all' or a comma-separated subset of QUESTION_TYPES (e.g. 'colour,shape')."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [n.strip() for n in names if n.strip()]
+    if names == ["all"]:
+        return QUESTION_TYPES
+    unknown = [n for n in names if n not in QUESTION_TYPES]
+    if unknown or not names:
+        raise ValueError(f"shapes_question_types={spec!r}: unknown types {unknown}; use 'all' or a "
+                         f"comma-separated subset of {list(QUESTION_TYPES)}.")
+    return tuple(dict.fromkeys(names))
+
+
+def _check_args(split: str, max_objects: int) -> None:
+    if split not in SPLIT_BUCKETS:
+        raise ValueError(f"shapes split {split!r} is unknown; use one of {list(SPLIT_BUCKETS)}.")
+    if not 1 <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"shapes_max_objects={max_objects} must be in [1, {MAX_OBJECTS}] "
+                         f"(one object per cell of a 3x3 grid).")
+
+
+# ==================================================================== scenes and questions
+
+def generate_sample(seed: int, split: str, index: int, max_objects: int = 1,
+                    question_types: Sequence[str] = QUESTION_TYPES) -> ShapesSample:
+    """The sample at `index` of `split`: a pure function of its arguments (no drawing)."""
+    _check_args(split, max_objects)
+    lo, hi = SPLIT_BUCKETS[split]
+    # A str seed is hashed with SHA-512: stable across processes and PYTHONHASHSEED.
+    rng = random.Random(f"shapes/{DATA_VERSION}/{seed}/{split}/{index}")
+    for _ in range(10_000):
+        objects = _scene(rng, max_objects)
+        if lo <= content_bucket(objects) < hi:
+            return _question(rng, objects, tuple(question_types))
+    raise RuntimeError(f"no {split} scene found for index {index}")  # probability ~0
+
+
+def content_bucket(objects: Sequence[ShapeObject]) -> int:
+    """Which of 100 buckets the image content hashes to (decides the split)."""
+    key = ";".join(f"{o.cell},{o.shape},{o.colour},{o.side},{o.cx:.3f},{o.cy:.3f}"
+                   for o in sorted(objects, key=lambda o: o.cell))
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % 100
+
+
+def _scene(rng: random.Random, max_objects: int) -> tuple[ShapeObject, ...]:
+    n = rng.randint(1, max_objects)
+    pairs = rng.sample(_ALL_PAIRS, n)           # distinct (colour, shape): referents are unique
+    cells = rng.sample(range(MAX_OBJECTS), n)
+    sizes = [rng.choice(SIZES) for _ in range(n)]
+    for _ in range(20):
+        objects = tuple(_place(shape, colour, size, cell, rng.randint(*SIDE_RANGE[size]),
+                               rng.randint(-JITTER, JITTER), rng.randint(-JITTER, JITTER))
+                        for (colour, shape), cell, size in zip(pairs, cells, sizes))
+        if not _any_overlap(objects):
+            return objects
+    # Minimum sides at the cell centres never overlap (see SIDE_RANGE).
+    return tuple(_place(shape, colour, size, cell, SIDE_RANGE[size][0], 0, 0)
+                 for (colour, shape), cell, size in zip(pairs, cells, sizes))
+
+
+_ALL_PAIRS = [(colour, shape) for colour in COLOURS for shape in SHAPES]
+
+
+def _place(shape: str, colour: str, size: str, cell: int, side: int, dx: int, dy: int) -> ShapeObject:
+    row, col = divmod(cell, 3)
+    half = side / 2
+    cx = min(max((col + 0.5) * _CELL + dx, half), _BASE - half)  # keep the shape inside the image
+    cy = min(max((row + 0.5) * _CELL + dy, half), _BASE - half)
+    return ShapeObject(shape, colour, size, cell, cx, cy, side)
+
+
+def _any_overlap(objects: Sequence[ShapeObject]) -> bool:
+    for i, a in enumerate(objects):
+        for b in objects[i + 1:]:
+            gap = (a.side + b.side) / 2 + 1
+            if abs(a.cx - b.cx) < gap and abs(a.cy - b.cy) < gap:
+                return True
+    return False
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _question(rng: random.Random, objects: tuple[ShapeObject, ...],
+              question_types: tuple[str, ...]) -> ShapesSample:
+    qtype = rng.choice(question_types)
+    target = rng.choice(objects)
+    single = len(objects) == 1
+    name = f"{target.colour} {target.shape}"
+    if qtype == "colour":
+        where = "" if single else f" in the {target.position}"
+        question, answer = f"What colour is the shape{where}?", target.colour
+    elif qtype == "shape":
+        where = "the image" if single else f"the {target.position}"
+        question, answer = f"What shape is in {where}?", target.shape
+    elif qtype == "position":
+        question, answer = f"Where is the {name}?", target.position
+    elif qtype == "size":
+        question, answer = f"What size is the {name}?", target.size
+    elif qtype == "count":
+        question, answer = "How many shapes are there?", str(len(objects))
+    elif qtype == "exists":
+        present = {(o.colour, o.shape) for o in objects}
+        if rng.random() < 0.5:
+            colour, shape, answer = target.colour, target.shape, "yes"
+        else:
+            colour, shape = rng.choice([p for p in _ALL_PAIRS if p not in present])
+            answer = "no"
+        question = f"Is there {_article(colour)} {colour} {shape}?"
+    elif qtype == "caption":
+        question = "Describe the image."
+        answer = " and ".join(o.describe() for o in sorted(objects, key=lambda o: o.cell))
+    else:
+        raise ValueError(f"unknown question type {qtype!r}; valid: {list(QUESTION_TYPES)}")
+    return ShapesSample(objects, qtype, question, answer)
+
+
+# ==================================================================== drawing
+
+def render_image(objects: Sequence[ShapeObject], img_size: int = 64) -> Image.Image:
+    """Solid shapes on a plain background, RGB, img_size x img_size."""
+    image = Image.new("RGB", (img_size, img_size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    scale = img_size / _BASE
+    for o in objects:
+        cx, cy, r = o.cx * scale, o.cy * scale, o.side * scale / 2
+        fill = COLOURS[o.colour]
+        if o.shape == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif o.shape == "square":
+            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        else:
+            draw.polygon([(cx + x * r, cy + y * r) for x, y in _OUTLINES[o.shape]], fill=fill)
+    return image
+
+
+def _star_outline() -> list[tuple[float, float]]:
+    import math
+    points = []
+    for k in range(10):
+        radius = 1.0 if k % 2 == 0 else 0.45
+        angle = -math.pi / 2 + k * math.pi / 5
+        points.append((radius * math.cos(angle), radius * math.sin(angle)))
+    return points
+
+
+# Unit outlines (centre 0, half-side 1), y pointing down.
+_OUTLINES = {
+    "triangle": [(0.0, -1.0), (1.0, 1.0), (-1.0, 1.0)],
+    "diamond": [(0.0, -1.0), (1.0, 0.0), (0.0, 1.0), (-1.0, 0.0)],
+    "star": _star_outline(),
+}
+
+
+# ==================================================================== rows
+
+def sample_to_row(sample: ShapesSample, img_size: int = 64, with_image: bool = True) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "texts": [{"user": sample.question, "assistant": sample.answer}],
+        "question_type": sample.question_type,
+        "answer": sample.answer,
+    }
+    row["images"] = [render_image(sample.objects, img_size) if with_image else None]
+    return row
+
+
+class ShapesRows(Sequence):
+    """A split of `shapes` as a lazy sequence of rows, generated on access (~thousands/s)."""
+
+    def __init__(self, split: str = "train", size: int = 1000, seed: int = 1234, max_objects: int = 1,
+                 question_types: str | Sequence[str] = "all", img_size: int = 64):
+        _check_args(split, max_objects)
+        if size <= 0:
+            raise ValueError(f"shapes split size={size} must be positive.")
+        self.split, self.size, self.seed = split, size, seed
+        self.max_objects, self.img_size = max_objects, img_size
+        self.question_types = parse_question_types(question_types)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def sample(self, index: int) -> ShapesSample:
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for a shapes split of {self.size}")
+        return generate_sample(self.seed, self.split, index, self.max_objects, self.question_types)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        if index < 0:
+            index += self.size
+        return sample_to_row(self.sample(index), self.img_size)
+
+    def text_row(self, index: int) -> dict[str, Any]:
+        """The row without drawing its image (`images` is [None]): for cheap length checks."""
+        return sample_to_row(self.sample(index), with_image=False)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (self[i] for i in range(self.size))
+
+    def __repr__(self) -> str:
+        return (f"ShapesRows(split={self.split!r}, size={self.size}, seed={self.seed}, "
+                f"max_objects={self.max_objects}, question_types={self.question_types}, "
+                f"img_size={self.img_size})")
+
+
+def _generate_rows(split: str, size: int, seed: int, max_objects: int, question_types: tuple[str, ...],
+                   img_size: int, version: str) -> Iterator[dict[str, Any]]:
+    assert version == DATA_VERSION  # part of gen_kwargs so the datasets cache key changes with it
+    yield from ShapesRows(split, size, seed, max_objects, question_types, img_size)
+
+
+def shapes_features():
+    from datasets import Features, Image as ImageFeature, List, Value
+    return Features({
+        "images": List(ImageFeature()),
+        "texts": List({"user": Value("string"), "assistant": Value("string")}),
+        "question_type": Value("string"),
+        "answer": Value("string"),
+    })
+
+
+def shapes_dataset(split: str = "train", size: int = 1000, seed: int = 1234, max_objects: int = 1,
+                   question_types: str | Sequence[str] = "all", img_size: int = 64,
+                   cache_dir: str | None = None):
+    """A split of `shapes` materialised as a `datasets.Dataset` (cached by all its arguments
+    and DATA_VERSION), e.g. to `save_to_disk` or `push_to_hub` it."""
+    from datasets import Dataset
+    _check_args(split, max_objects)
+    return Dataset.from_generator(
+        _generate_rows, features=shapes_features(), cache_dir=cache_dir,
+        gen_kwargs=dict(split=split, size=size, seed=seed, max_objects=max_objects,
+                        question_types=parse_question_types(question_types), img_size=img_size,
+                        version=DATA_VERSION),
+    )
+
+
+# ==================================================================== baselines and corpus
+
+def uniform_chance(max_objects: int = 1, question_types: str | Sequence[str] = "all") -> dict[str, float]:
+    """1 / (number of possible answers) per question type."""
+    pairs = len(COLOURS) * len(SHAPES)
+    captions = 0
+    for n in range(1, max_objects + 1):  # distinct ways to describe n objects in n distinct cells
+        count = 1
+        for k in range(n):
+            count *= (pairs - k) * (MAX_OBJECTS - k) * len(SIZES)
+        for k in range(2, n + 1):
+            count //= k
+        captions += count
+    answers = {"colour": len(COLOURS), "shape": len(SHAPES), "position": MAX_OBJECTS,
+               "size": len(SIZES), "count": max_objects, "exists": 2, "caption": captions}
+    return {t: 1.0 / answers[t] for t in parse_question_types(question_types)}
+
+
+@lru_cache(maxsize=32)
+def _majority_baseline(max_objects: int, question_types: tuple[str, ...], samples: int, seed: int,
+                       split: str) -> tuple[tuple[str, float], ...]:
+    result = []
+    for qtype in question_types:
+        counts = Counter(generate_sample(seed, split, i, max_objects, (qtype,)).answer for i in range(samples))
+        result.append((qtype, counts.most_common(1)[0][1] / samples))
+    return tuple(result)
+
+
+def chance_per_type(max_objects: int = 1, question_types: str | Sequence[str] = "all",
+                    samples: int = 1000, seed: int = 1234, split: str = "train") -> dict[str, float]:
+    """Accuracy of always answering the most frequent answer, per question type, measured on
+    `samples` generated questions of each type (the majority-guess baseline to beat)."""
+    return dict(_majority_baseline(max_objects, parse_question_types(question_types), samples, seed, split))
+
+
+def shapes_text_rows(samples: int = 4000, seed: int = 0) -> Iterator[dict[str, Any]]:
+    """Text-only rows covering every question type, object count and phrasing: the corpus the
+    `shapes-bpe-*` tokenizers are trained on."""
+    for i in range(samples):
+        yield sample_to_row(generate_sample(seed, "train", i, MAX_OBJECTS if i % 2 else 1), with_image=False)
