@@ -16,6 +16,7 @@ import logging
 import re
 import string
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -288,9 +289,25 @@ def _pick_splits(data, val_ratio: float, seed: int, path: str):
     return split["train"], split["test"]
 
 
+@dataclass
+class DataSplits:
+    """What `build_datasets` returns; unpacks as `train, val = build_datasets(...)`.
+
+    `train` is already this rank's shard, so a sampler over it must not shard again:
+    `sampler_rank` / `sampler_world_size` are 0 / 1. `val` is the whole validation set (or None);
+    evaluation strides over it by rank and sums the counts."""
+    train: VQADataset
+    val: VQADataset | None
+    sampler_rank: int = 0
+    sampler_world_size: int = 1
+
+    def __iter__(self) -> Iterator[VQADataset | None]:
+        return iter((self.train, self.val))
+
+
 def build_datasets(vlm_cfg, train_cfg, tokenizer, rank: int = 0, world_size: int = 1,
-                   image_processor=None, shard_val: bool = True) -> tuple[VQADataset, VQADataset | None]:
-    """Train and validation `VQADataset`s for this rank (disjoint, equal-length shards)."""
+                   image_processor=None, shard_val: bool = False) -> DataSplits:
+    """Train (this rank's disjoint, equal-length shard) and validation `VQADataset`s."""
     from nanovlm.data.processors import get_image_processor
     if tokenizer.image_token_id != vlm_cfg.image_token_id:
         raise ValueError(f"The tokenizer gives {tokenizer.image_token!r} id {tokenizer.image_token_id} but "
@@ -306,4 +323,4 @@ def build_datasets(vlm_cfg, train_cfg, tokenizer, rank: int = 0, world_size: int
         val = VQADataset(val_rows, name="validation", **common)
         if shard_val:
             val.shard(rank, world_size)
-    return train, val
+    return DataSplits(train, val)
