@@ -1,0 +1,160 @@
+"""VisionLanguageModel.generate: KV-cached decoding equals recomputation, batching with left padding
+equals one-by-one, EOS stops, and sampling respects temperature / top-k / top-p."""
+
+import pytest
+import torch
+
+from nanovlm.config import VLMConfig
+from nanovlm.models import VisionLanguageModel, sample_next_token
+
+TINY = dict(vit_hidden_dim=32, vit_inter_dim=64, vit_n_heads=4, vit_n_blocks=2, vit_img_size=32, vit_patch_size=8,
+            lm_hidden_dim=32, lm_inter_dim=64, lm_n_heads=4, lm_n_kv_heads=2, lm_n_blocks=2,
+            lm_base_vocab_size=100, extra_token_amount=1, lm_vocab_size=101, lm_max_length=64,
+            lm_max_position_embeddings=128, mp_pixel_shuffle_factor=2, mp_image_token_length=4)
+IMG = 100
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = VisionLanguageModel(VLMConfig(**TINY, lm_tie_weights=False)).eval()
+    with torch.no_grad():
+        # Larger weights than the N(0, 0.02) init: sharp logits (no near-ties for greedy choices)
+        # and varied continuations instead of one repeated token.
+        for p in m.decoder.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+        m.decoder.token_embedding.weight.normal_(0.0, 1.0)
+    return m
+
+
+def _prompt(text_len, seed):
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, 100, (text_len,), generator=g).tolist()
+    return torch.tensor([text[:1] + [IMG] * 4 + text[1:]])
+
+
+def _recompute_greedy(model, ids, images, n):
+    """Reference: no cache, the whole sequence through forward() for every new token."""
+    seq = ids
+    for _ in range(n):
+        logits, _ = model(seq, images=images)
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq[:, ids.shape[1]:]
+
+
+def test_kv_cached_greedy_decoding_equals_full_recomputation(model):
+    ids = _prompt(6, seed=1)
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = _recompute_greedy(model, ids, images, 12)
+    got = model.generate(ids, images=images, max_new_tokens=12, greedy=True)
+    assert got.shape == (1, 12)
+    assert torch.equal(got, expected)
+
+
+def test_batched_left_padded_generation_equals_one_by_one(model):
+    prompts = [_prompt(n, seed=n) for n in (3, 7, 5)]
+    images = torch.randn(3, 3, 32, 32)
+    width = max(p.shape[1] for p in prompts)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - p.shape[1]:] = p[0]
+        mask[row, width - p.shape[1]:] = 1
+    batched = model.generate(ids, images=images, attention_mask=mask, max_new_tokens=10, greedy=True)
+    for row, p in enumerate(prompts):
+        alone = model.generate(p, images=images[row:row + 1], max_new_tokens=10, greedy=True)
+        assert torch.equal(batched[row], alone[0]), f"row {row}"
+
+
+def test_generation_stops_when_every_row_has_emitted_eos(model):
+    ids = torch.cat([_prompt(4, seed=11), _prompt(4, seed=12)])
+    images = torch.randn(2, 3, 32, 32)
+    free = model.generate(ids, images=images, max_new_tokens=30, greedy=True)
+    common = set(free[0].tolist()) & set(free[1].tolist())
+    assert common, "pick prompts whose free continuations share a token"
+    first_of = lambda tok: [int((free[r] == tok).nonzero()[0]) for r in range(2)]  # noqa: E731
+    eos = min(common, key=lambda tok: max(first_of(tok)))
+    first = first_of(eos)
+    assert first[0] != first[1]   # one row finishes before the other
+
+    calls = []
+    hook = model.decoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        out = model.generate(ids, images=images, max_new_tokens=30, greedy=True, eos_token_id=eos,
+                             eos_check_interval=1)
+    finally:
+        hook.remove()
+    for r in range(2):
+        assert torch.equal(out[r, :first[r] + 1], free[r, :first[r] + 1])   # same tokens up to and including EOS
+        assert (out[r, first[r]:] == eos).all()                               # then padded with EOS
+    assert len(calls) == max(first) + 1      # prefill + one decode step per token before the last EOS
+    assert out.shape == (2, 30)
+
+
+def test_without_eos_every_requested_token_is_generated(model):
+    ids = _prompt(5, seed=21)
+    calls = []
+    hook = model.decoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        out = model.generate(ids, images=torch.zeros(1, 3, 32, 32), max_new_tokens=8, greedy=True)
+    finally:
+        hook.remove()
+    assert out.shape == (1, 8) and len(calls) == 8   # prefill + 7 decode steps
+
+
+def test_generate_requires_left_padding(model):
+    ids = _prompt(3, seed=0)
+    mask = torch.ones_like(ids)
+    mask[0, -1] = 0
+    with pytest.raises(ValueError, match="left padding"):
+        model.generate(ids, images=torch.randn(1, 3, 32, 32), attention_mask=mask, max_new_tokens=2)
+
+
+def test_text_only_generation_and_zero_new_tokens(model):
+    ids = torch.randint(0, 100, (2, 4))
+    assert model.generate(ids, max_new_tokens=0).shape == (2, 0)
+    assert model.generate(ids, max_new_tokens=3, greedy=True).shape == (2, 3)
+
+
+def test_top_k_one_and_tiny_top_p_sample_the_argmax():
+    logits = torch.randn(4, 50)
+    best = logits.argmax(-1)
+    assert torch.equal(sample_next_token(logits, top_k=1, temperature=2.0), best)
+    assert torch.equal(sample_next_token(logits, top_p=1e-6), best)
+    assert torch.equal(sample_next_token(logits, greedy=True, top_k=5), best)
+
+
+def test_top_k_samples_stay_in_the_k_most_likely_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 30).expand(2000, -1)
+    allowed = set(torch.topk(logits[0], 3).indices.tolist())
+    assert set(sample_next_token(logits, top_k=3).tolist()) <= allowed
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(4000, -1)
+    samples = sample_next_token(logits, top_p=0.7)
+    assert set(samples.tolist()) == {0, 1}                 # 0.5 < 0.7 <= 0.5 + 0.3
+    assert abs((samples == 0).float().mean().item() - 0.5 / 0.8) < 0.05
+
+
+def test_low_temperature_concentrates_on_the_argmax():
+    torch.manual_seed(0)
+    logits = torch.tensor([[1.0, 0.5, 0.0]]).expand(2000, -1)
+    hot = (sample_next_token(logits, temperature=1.0) == 0).float().mean()
+    cold = (sample_next_token(logits, temperature=0.05) == 0).float().mean()
+    assert cold > 0.99 and hot < 0.7
+
+
+def test_seeded_sampling_is_reproducible(model):
+    ids = _prompt(4, seed=3)
+    images = torch.randn(1, 3, 32, 32)
+    torch.manual_seed(5)
+    a = model.generate(ids, images=images, max_new_tokens=6, top_k=20, top_p=0.9, temperature=0.8)
+    torch.manual_seed(5)
+    b = model.generate(ids, images=images, max_new_tokens=6, top_k=20, top_p=0.9, temperature=0.8)
+    assert torch.equal(a, b)

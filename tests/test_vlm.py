@@ -1,0 +1,129 @@
+"""VisionLanguageModel.forward: image placeholders, per-sample image lists, loss, and the projector."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanovlm.config import VLMConfig
+from nanovlm.models import ModalityProjector, VisionLanguageModel, pixel_shuffle
+
+TINY = dict(vit_hidden_dim=32, vit_inter_dim=64, vit_n_heads=4, vit_n_blocks=2, vit_img_size=32, vit_patch_size=8,
+            lm_hidden_dim=32, lm_inter_dim=64, lm_n_heads=4, lm_n_kv_heads=2, lm_n_blocks=2,
+            lm_base_vocab_size=100, extra_token_amount=1, lm_vocab_size=101, lm_max_length=64,
+            lm_max_position_embeddings=128, mp_pixel_shuffle_factor=2, mp_image_token_length=4)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return VisionLanguageModel(VLMConfig(**TINY)).eval()
+
+
+def _ids(image_counts, text_len=5):
+    """One row per entry: text, then 4 placeholders per image, then text (all rows the same length)."""
+    img = 100  # lm_base_vocab_size + index of 'image_token'
+    longest = max(image_counts)
+    rows = []
+    for n in image_counts:
+        filler = [7] * (4 * (longest - n))
+        rows.append(filler + [1, 2] + [img] * (4 * n) + list(range(3, 3 + text_len)))
+    return torch.tensor(rows)
+
+
+def test_pixel_shuffle_places_patch_i_j_of_each_block_at_features_i_s_plus_j():
+    s, side, D = 2, 4, 3
+    x = torch.randn(1, side * side, D)
+    out = pixel_shuffle(x, s)
+    assert out.shape == (1, (side // s) ** 2, s * s * D)
+    grid = x.view(side, side, D)
+    for block_row in range(side // s):
+        for block_col in range(side // s):
+            token = out[0, block_row * (side // s) + block_col]
+            for i in range(s):
+                for j in range(s):
+                    expected = grid[block_row * s + i, block_col * s + j]
+                    assert torch.equal(token[(i * s + j) * D:(i * s + j + 1) * D], expected)
+
+
+def test_modality_projector_is_a_bias_free_linear_after_pixel_shuffle():
+    mp = ModalityProjector(VLMConfig(**TINY))
+    assert mp.proj.bias is None and mp.proj.weight.shape == (32, 32 * 4)
+    x = torch.randn(2, 16, 32)
+    assert torch.allclose(mp(x), pixel_shuffle(x, 2) @ mp.proj.weight.T)
+
+
+def test_image_embeddings_replace_the_placeholders_in_order(model):
+    ids = _ids([2])
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        embeds = model.embed(ids, images)
+        image_embeds = model.MP(model.vision_encoder(images)).reshape(-1, 32)
+        text = model.decoder.token_embedding(ids)
+    is_image = ids[0] == model.image_token_id
+    assert torch.equal(embeds[0, is_image], image_embeds)
+    assert torch.equal(embeds[0, ~is_image], text[0, ~is_image])
+
+
+def test_per_sample_image_lists_equal_the_stacked_tensor(model):
+    ids = _ids([1, 2, 0])
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        stacked, _ = model(ids, images=images)
+        listed, _ = model(ids, images=[images[:1], images[1:], images[3:]])
+    assert torch.equal(stacked, listed)
+
+
+def test_placeholder_count_mismatch_is_an_error(model):
+    ids = _ids([2])
+    with pytest.raises(ValueError, match=r"8 image placeholder tokens .* 1 image\(s\)"):
+        model(ids, images=torch.randn(1, 3, 32, 32))
+
+
+def test_per_sample_mismatch_names_the_sample(model):
+    ids = _ids([1, 1])
+    with pytest.raises(ValueError, match="Sample 1 has 4 image placeholder tokens"):
+        model(ids, images=[torch.randn(1, 3, 32, 32), torch.randn(2, 3, 32, 32)])
+
+
+def test_placeholders_without_images_are_an_error(model):
+    with pytest.raises(ValueError, match="0 image"):
+        model(_ids([1]))
+
+
+def test_text_only_forward_returns_vocabulary_logits(model):
+    logits, loss = model(torch.randint(0, 100, (2, 6)))
+    assert logits.shape == (2, 6, 101) and loss is None
+
+
+def test_loss_is_cross_entropy_over_targets_ignoring_minus_100(model):
+    ids = _ids([1, 1])
+    targets = torch.full_like(ids, -100)
+    targets[:, -3:] = torch.randint(0, 100, (2, 3))
+    images = torch.randn(2, 3, 32, 32)
+    logits, loss = model(ids, images=images, targets=targets)
+    kept = targets != -100
+    expected = F.cross_entropy(logits[kept], targets[kept])
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_left_padding_does_not_change_the_real_rows(model):
+    ids = _ids([1, 1])
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids[:1]], dim=1)
+    mask = torch.ones_like(padded)
+    mask[0, :3] = 0
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        alone, _ = model(ids[:1], images=images)
+        with_pad, _ = model(padded, images=images, attention_mask=mask)
+    assert (with_pad[0, 3:] - alone[0]).abs().max().item() <= 1e-5
+
+
+def test_gradients_reach_vision_projector_and_decoder():
+    torch.manual_seed(0)
+    model = VisionLanguageModel(VLMConfig(**TINY))
+    ids = _ids([1])
+    _, loss = model(ids, images=torch.randn(1, 3, 32, 32), targets=ids)
+    loss.backward()
+    for name in ("vision_encoder.patch_embedding.conv.weight", "MP.proj.weight", "decoder.blocks.0.attn.q_proj.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
