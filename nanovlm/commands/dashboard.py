@@ -1,11 +1,77 @@
-"""`nanovlm dashboard` (not built yet)."""
+"""`nanovlm dashboard`: the MLflow UI on 127.0.0.1 over the store that training and sweeps log to.
+
+    nanovlm dashboard                 # http://127.0.0.1:5000, the default SQLite store
+    nanovlm dashboard --port 5001
+
+Runs `mlflow server` in the foreground until Ctrl-C. Loopback only: to reach it from another
+machine, forward the port (`ssh -L 5000:127.0.0.1:5000 host`) rather than opening it.
+"""
+
+from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+from nanovlm import tracking
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
+    parser.add_argument("--backend-store-uri", default=None,
+                        help="MLflow store to show (default: MLFLOW_TRACKING_URI, else the SQLite file "
+                             "under $NANOVLM_HOME or ~/.nanovlm)")
+
+
+def server_command(uri: str, port: int, host: str = "127.0.0.1") -> list[str]:
+    """The `mlflow server` command line for a store URI. One worker: a single user on a laptop."""
+    command = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1",
+               "--backend-store-uri", uri]
+    artifacts = tracking.artifact_root(uri)
+    if artifacts is not None:  # keep uploads through the UI next to the runs' own artifacts
+        command += ["--artifacts-destination", artifacts]
+    return command
+
+
+def server_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # MLflow 3 starts a job-execution service with several extra processes by default; the UI
+    # does not need it, and without it /health answers in seconds on 2 cores.
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    return env
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("nanovlm dashboard is not implemented yet")
+    uri = args.backend_store_uri or tracking.default_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        print(f"The tracking store is already a server: open {uri}")
+        return 0
+    db: Optional[Path] = tracking.sqlite_path(uri)
+    if db is not None and not db.exists():
+        print(f"Note: {db} does not exist yet; the dashboard will be empty until a run or sweep logs to it.")
+    tracking.check_tracking_store(uri)  # creates the tables of a new SQLite store, names any problem
+    command = server_command(uri, args.port)
+    print(f"MLflow dashboard on http://127.0.0.1:{args.port}  (store: {uri}); Ctrl-C to stop.", flush=True)
+    # The server runs in its own process group so that stopping this command (Ctrl-C, or
+    # SIGTERM from a supervisor or a test) stops the server and every worker it started.
+    signal.signal(signal.SIGTERM, _interrupt)
+    process = subprocess.Popen(command, env=server_env(), start_new_session=True)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if process.poll() is None:  # stop the server and the workers it started
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

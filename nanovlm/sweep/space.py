@@ -102,6 +102,7 @@ class SweepSpec:
     time_budget_s: float | None = None
     seed: int | None = 0
     storage_path: str | None = None
+    extra_overrides: list[str] = field(default_factory=list)  # --set items, kept for --resume
     source_path: str | None = None
     source_text: str | None = None
 
@@ -210,6 +211,7 @@ def parse_space(data: Any, *, default_name: str = "sweep", where: str = "space",
         time_budget_s=_optional_positive(data.get("time_budget_s"), "time_budget_s", where),
         seed=data.get("seed", 0),
         storage_path=data.get("storage_path"),
+        extra_overrides=list(extra_overrides or []),
     )
     # The fixed part must be buildable on its own: a broken base would make every trial invalid.
     try:

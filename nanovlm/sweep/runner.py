@@ -1,0 +1,488 @@
+"""Run a sweep: Ray Tune over a `SweepSpec`, one Ray Train run per trial, MLflow parent + child runs.
+
+    Tune controller (this process)                    Trial actor (driver_cpus)         Train workers
+    ─ SweepTracker callback: creates the child ──►    run_trial(config): builds the ──► train_worker:
+      run per trial, tags its status at the end       configs; invalid -> report &      logs metrics by
+    ─ ASHA (or FIFO) decides from the reports         return; else TorchTrainer.fit()   step into the
+                                                      with TuneReportCallback           child run
+
+Files in the sweep directory `<storage>/<name>-<timestamp>/` (Tune's experiment dir):
+`nanovlm_sweep.json` (the space, the parent run, each trial's run id and status: what
+`--resume` needs), `trials/<trial_id>/` (each trial's output_dir), `train/` (Ray Train
+storage), `results/` (table, best config, plots).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from nanovlm import tracking
+from nanovlm.config import ConfigError, apply_overrides, configs_to_dict
+from nanovlm.distributed.launcher import check_cluster_resources
+from nanovlm.sweep.results import TrialRecord, best_trial, write_results
+from nanovlm.sweep.space import SweepSpec, parse_space, trial_configs
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "nanovlm_sweep.json"
+TRIAL_TAG = "nanovlm.trial_id"
+STATUS_TAG = "nanovlm.status"
+REASON_TAG = "nanovlm.status_reason"
+SWEEP_TAG = "nanovlm.sweep"
+
+
+@dataclass
+class SweepOutcome:
+    sweep_dir: Path
+    parent_run_id: str
+    tracking_uri: str
+    records: list[TrialRecord]
+    files: dict[str, Path]
+    best: Optional[TrialRecord]
+    interrupted: bool = False
+
+
+# ============================================================================ sweep state file
+
+class SweepState:
+    """`nanovlm_sweep.json`: written by the driver only, read on resume and for the results."""
+
+    def __init__(self, path: Path, data: dict[str, Any]):
+        self.path = path
+        self.data = data
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, sweep_dir: Path) -> "SweepState":
+        path = sweep_dir / STATE_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{sweep_dir} is not a nanovlm sweep directory (no {STATE_FILE}).")
+        return cls(path, json.loads(path.read_text()))
+
+    def trial(self, trial_id: str) -> dict[str, Any]:
+        return self.data.setdefault("trials", {}).setdefault(trial_id, {})
+
+    def save(self) -> None:
+        with self._lock:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+            tmp.replace(self.path)
+
+    def spec(self) -> SweepSpec:
+        import yaml
+
+        spec = parse_space(yaml.safe_load(self.data["space_text"]), default_name=self.data["spec_name"],
+                           where=self.data.get("space_path") or STATE_FILE,
+                           extra_overrides=self.data.get("extra_overrides"))
+        spec.source_path, spec.source_text = self.data.get("space_path"), self.data["space_text"]
+        return spec
+
+
+# ============================================================================ the trial
+
+def run_trial(config: dict[str, Any], *, spec: SweepSpec, sweep_dir: str, parent_run_id: str,
+              tracking_uri: str) -> None:
+    """One Tune trial: the sampled fields in `config` on top of the spec's base configs, trained
+    by a TorchTrainer whose reports reach Tune (and ASHA) through `TuneReportCallback`."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from nanovlm.distributed.launcher import build_trainer
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    sampled = {name: config[name] for name in spec.space}
+    try:
+        vlm_cfg, train_cfg = trial_configs(spec, sampled)
+    except ConfigError as exc:
+        # Not a crash of the sweep: the controller's SweepTracker marks the trial invalid.
+        ray.tune.report({"invalid": 1.0, "invalid_reason": str(exc)})
+        return
+    train_cfg = train_cfg.replace(output_dir=str(Path(sweep_dir) / "trials" / trial_id),
+                                  storage_path=str(Path(sweep_dir) / "train"))
+    run_id = _find_child_run(tracking_uri, parent_run_id, trial_id)
+    tracking_spec = {"uri": tracking_uri, "experiment_name": train_cfg.experiment_name, "run_id": run_id,
+                     "parent_run_id": parent_run_id, "run_name": trial_id,
+                     "tags": {TRIAL_TAG: trial_id, SWEEP_TAG: spec.name}}
+    # Train's controller polls its workers every 2 s by default and a worker blocks on its
+    # pending report until then; this process only launches this trial's TorchTrainer.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    trainer = build_trainer(vlm_cfg, train_cfg, run_name=trial_id, preset_name=spec.preset,
+                            tracking_spec=tracking_spec, callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+def _find_child_run(uri: str, parent_run_id: str, trial_id: str) -> Optional[str]:
+    """The child run the controller created for this trial (before the trial started); None
+    lets the worker create one itself."""
+    try:
+        client = tracking._client(uri)
+        parent = client.get_run(parent_run_id)
+        runs = client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.`{tracking.PARENT_RUN_TAG}` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
+            max_results=1)
+        return runs[0].info.run_id if runs else None
+    except Exception as exc:  # noqa: BLE001 - the worker then creates the child run itself
+        logger.warning("Could not look up the MLflow run of trial %s: %s", trial_id, exc)
+        return None
+
+
+# ============================================================================ MLflow + status bookkeeping
+
+def _tune_callback_base():
+    from ray.tune import Callback
+    return Callback
+
+
+class SweepTracker(_tune_callback_base()):
+    """Tune callback on the controller: a child MLflow run per trial (all config fields as params,
+    tagged with the parent), and each trial's final status as tags and in the state file:
+
+    completed      trained to the end
+    early-stopped  stopped by the scheduler before its last step
+    invalid        the sampled config cannot be built (reason: the ConfigError)
+    failed         the trial raised (reason: the error's last line)
+    stopped        still running when the sweep ended (time budget, Ctrl-C)
+    """
+
+    def __init__(self, spec: SweepSpec, state: SweepState, uri: str, experiment_name: str):
+        self.spec, self.state, self.uri, self.experiment_name = spec, state, uri, experiment_name
+        self._scheduler_stopped: set[str] = set()
+
+    def __getstate__(self):  # Tune pickles callbacks with its experiment state
+        return {k: v for k, v in self.__dict__.items() if k != "state"} | {"state_path": str(self.state.path)}
+
+    def __setstate__(self, data):
+        path = Path(data.pop("state_path"))
+        self.__dict__.update(data)
+        self.state = SweepState.load(path.parent)
+
+    # ---- Tune hooks
+    def on_trial_start(self, iteration, trials, trial, **info):
+        entry = self.state.trial(trial.trial_id)
+        sampled = {name: trial.config.get(name) for name in self.spec.space}
+        entry.update(config=sampled, status="running")
+        if entry.get("run_id"):  # resumed trial: keep logging into its run
+            tracking.TrackingRun(entry["run_id"], self.uri).set_tags({STATUS_TAG: "running"})
+            self._reopen(entry["run_id"])
+        else:
+            entry["run_id"] = self._create_child_run(trial.trial_id, sampled)
+        self.state.save()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        entry = self.state.trial(trial.trial_id)
+        if result.get("invalid"):
+            entry.update(status="invalid", reason=str(result.get("invalid_reason", "")))
+            self.state.save()
+        elif result.get("done"):
+            # `done` on a reported result: the scheduler (or a stopper) decided to stop here.
+            self._scheduler_stopped.add(trial.trial_id)
+            entry["stopped_at_step"] = result.get("step")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        entry = self.state.trial(trial.trial_id)
+        if entry.get("status") != "invalid":
+            entry["status"], entry["reason"] = self._finished_status(trial)
+        self._close(trial.trial_id, "FAILED" if entry["status"] == "invalid" else "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        entry = self.state.trial(trial.trial_id)
+        entry.update(status="failed", reason=_error_reason(trial))
+        self._close(trial.trial_id, "FAILED")
+
+    def on_experiment_end(self, trials, **info):
+        for trial in trials:
+            entry = self.state.trial(trial.trial_id)
+            if entry.get("status") in (None, "running"):
+                entry.update(status="stopped", reason="still running when the sweep ended (time budget or interrupt)")
+                self._close(trial.trial_id, "KILLED")
+
+    # ---- helpers
+    def _finished_status(self, trial) -> tuple[str, str]:
+        if trial.trial_id not in self._scheduler_stopped:
+            return "completed", ""
+        step = self.state.trial(trial.trial_id).get("stopped_at_step")
+        total = self._max_steps(trial)
+        if step is not None and total is not None and step >= total:
+            return "completed", ""
+        return "early-stopped", f"stopped by {self.spec.scheduler.type} at step {step} of {total}"
+
+    def _max_steps(self, trial) -> Optional[int]:
+        try:
+            vlm, train = self.spec.base_configs()
+            _, train = apply_overrides(vlm, train, {k: trial.config[k] for k in self.spec.space})
+            return train.max_training_steps
+        except (ConfigError, KeyError):
+            return None
+
+    def _create_child_run(self, trial_id: str, sampled: dict[str, Any]) -> Optional[str]:
+        vlm, train = self.spec.base_configs()
+        try:  # types were checked up front; values may still be invalid (then tagged so)
+            vlm, train = apply_overrides(vlm, train, sampled)
+        except ConfigError:
+            pass
+        config = configs_to_dict(vlm, train)
+        label = " ".join(f"{k}={_short(v)}" for k, v in sampled.items())
+        tags = tracking.run_tags(config, preset=self.spec.preset, world_size=train.num_workers,
+                                 device_type="cuda" if train.use_gpu else "cpu",
+                                 extra={TRIAL_TAG: trial_id, SWEEP_TAG: self.spec.name, STATUS_TAG: "running",
+                                        "nanovlm.varied": json.dumps(sampled)})
+        try:
+            return tracking.create_run(config, uri=self.uri, experiment_name=self.experiment_name,
+                                       run_name=f"{trial_id} {label}", tags=tags,
+                                       parent_run_id=self.state.data["parent_run_id"])
+        except Exception as exc:  # noqa: BLE001 - the sweep goes on; the worker creates the run
+            logger.warning("Could not create the MLflow run of trial %s: %s", trial_id, exc)
+            return None
+
+    def _reopen(self, run_id: str) -> None:
+        tracking.TrackingRun(run_id, self.uri)._guard(
+            "update_run", lambda c: c.update_run(run_id, status="RUNNING"))
+
+    def _close(self, trial_id: str, mlflow_status: str) -> None:
+        entry = self.state.trial(trial_id)
+        self.state.save()
+        if not entry.get("run_id"):
+            return
+        run = tracking.TrackingRun(entry["run_id"], self.uri)
+        tags = {STATUS_TAG: entry["status"]}
+        if entry.get("reason"):
+            tags[REASON_TAG] = entry["reason"][:5000]  # MLflow's tag value limit is 8000
+        run.set_tags(tags)
+        run.end(mlflow_status)
+
+
+def _error_reason(trial) -> str:
+    try:
+        error = trial.get_pickled_error() or trial.get_error()
+    except Exception:  # noqa: BLE001 - the error file may be missing
+        error = None
+    text = str(error) if error else "unknown error (see the trial's error.txt)"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else text
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+# ============================================================================ the sweep
+
+def default_storage() -> Path:
+    return tracking.nanovlm_home() / "sweeps"
+
+
+def find_resumable(spec_name: str, storage: Path) -> Path:
+    """The most recent sweep directory of `spec_name` under `storage`."""
+    candidates = sorted((p for p in storage.glob(f"{spec_name}-*") if (p / STATE_FILE).exists()),
+                        key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(f"No sweep named {spec_name!r} to resume under {storage}; "
+                                "run it without --resume first, or pass its directory to --resume.")
+    return candidates[-1]
+
+
+def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
+              storage_path: Optional[str | Path] = None, tracking_uri: Optional[str] = None,
+              ray_address: Optional[str] = None) -> SweepOutcome:
+    """Run `spec` (or resume the sweep in `resume_dir`) and write its results."""
+    from ray import tune
+
+    uri = tracking.check_tracking_store(tracking_uri)
+    if resume_dir is not None:
+        sweep_dir = Path(resume_dir).expanduser().resolve()
+        state = SweepState.load(sweep_dir)
+        spec = state.spec()  # the space as it was when the sweep started
+    else:
+        storage = Path(storage_path or spec.storage_path or default_storage()).expanduser().resolve()
+        sweep_dir = storage / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        sweep_dir.mkdir(parents=True, exist_ok=False)
+        state = SweepState(sweep_dir / STATE_FILE, {
+            "spec_name": spec.name, "space_path": spec.source_path, "space_text": spec.source_text or "",
+            "extra_overrides": spec.extra_overrides, "trials": {}})
+        if not spec.source_text:  # built in code: keep an equivalent file
+            state.data["space_text"] = _spec_as_yaml(spec)
+    _, base_train = spec.base_configs()
+    experiment_name = base_train.experiment_name
+
+    if "parent_run_id" not in state.data:
+        state.data["parent_run_id"] = _create_parent_run(spec, sweep_dir, uri, experiment_name)
+        state.data["tracking_uri"] = uri
+        state.save()
+    parent = tracking.TrackingRun(state.data["parent_run_id"], uri)
+    if resume_dir is not None:
+        parent._guard("update_run", lambda c: c.update_run(parent.run_id, status="RUNNING"))
+
+    # Tune checks that every result holds the metric; Train reports between evaluations hold
+    # only step metrics, and invalid trials none. ASHA itself skips results without it.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    _init_ray(ray_address)
+    check_cluster_resources(base_train, _resources_minus_driver(spec.driver_cpus))
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, spec=spec, sweep_dir=str(sweep_dir),
+                             parent_run_id=state.data["parent_run_id"], tracking_uri=uri),
+        {"cpu": spec.driver_cpus})
+    tracker = SweepTracker(spec, state, uri, experiment_name)
+    interrupted = False
+    try:
+        if resume_dir is not None and tune.Tuner.can_restore(str(sweep_dir)):
+            logger.info("Resuming sweep %s (finished trials are kept, unfinished ones continue)", sweep_dir)
+            tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=spec.param_space(),
+                tune_config=tune.TuneConfig(
+                    num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent_trials,
+                    scheduler=_scheduler(spec), search_alg=_search_alg(spec), time_budget_s=spec.time_budget_s,
+                    reuse_actors=False),
+                run_config=tune.RunConfig(
+                    name=sweep_dir.name, storage_path=str(sweep_dir.parent), callbacks=[tracker],
+                    failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+            )
+        grid = tuner.fit()
+    except KeyboardInterrupt:
+        interrupted = True
+        logger.warning("Sweep interrupted; resume it with: nanovlm sweep --resume %s", sweep_dir)
+        grid = None
+
+    state = SweepState.load(sweep_dir)  # the tracker wrote it (possibly a restored copy)
+    records = _records(grid, state, sweep_dir)
+    files = write_results(records, spec, sweep_dir / "results")
+    best = best_trial(records, spec.metric, spec.mode)
+    _finish_parent(parent, spec, records, best, files, interrupted)
+    return SweepOutcome(sweep_dir, state.data["parent_run_id"], uri, records, files, best, interrupted)
+
+
+def _init_ray(address: Optional[str]) -> None:
+    """Connect to `address` (or the running cluster), else start a local one with its dashboard:
+    stopped trials' placement groups are freed through the state API in the dashboard process,
+    so with it off ASHA's stopped workers leak and later trials wait forever."""
+    import ray
+
+    from nanovlm.distributed.launcher import ensure_ray
+
+    if address and not ray.is_initialized():
+        ray.init(address=address)
+    ensure_ray()
+
+
+def _resources_minus_driver(driver_cpus: float) -> dict[str, float]:
+    """Cluster resources left for one trial's workers once its driver holds `driver_cpus`."""
+    import ray
+
+    resources = dict(ray.cluster_resources())
+    resources["CPU"] = float(resources.get("CPU", 0)) - driver_cpus
+    return resources
+
+
+def _scheduler(spec: SweepSpec):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    sched = spec.scheduler
+    if sched.type == "none":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr=sched.time_attr, metric=spec.metric, mode=spec.mode, max_t=sched.max_t,
+                         grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
+
+
+def _search_alg(spec: SweepSpec):
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=spec.seed)
+
+
+def _records(grid, state: SweepState, sweep_dir: Path) -> list[TrialRecord]:
+    """Trial records from Tune's results (history of reports, wall time) and the state file
+    (status, reason, run id); trials known only to one of them are kept too."""
+    by_id: dict[str, TrialRecord] = {}
+    for trial_id, entry in state.data.get("trials", {}).items():
+        by_id[trial_id] = TrialRecord(trial_id, dict(entry.get("config") or {}), entry.get("status") or "stopped",
+                                      entry.get("reason") or "", run_id=entry.get("run_id"))
+    for result in (grid or []):
+        config = result.config or {}
+        trial_id = (result.metrics or {}).get("trial_id") or next(
+            (known for known in by_id if known in Path(result.path).name), Path(result.path).name)
+        record = by_id.setdefault(trial_id, TrialRecord(trial_id, {}, "completed"))
+        record.config = record.config or dict(config)
+        frame = result.metrics_dataframe
+        if frame is not None and len(frame):
+            record.history = [{k: v for k, v in row.items() if not _is_nan(v)}
+                              for row in frame.to_dict("records")]
+        elif result.metrics:
+            record.history = [dict(result.metrics)]
+        record.wall_time_s = (result.metrics or {}).get("time_total_s")
+        if result.error is not None and record.status in ("running", "completed"):
+            record.status, record.reason = "failed", str(result.error).strip().splitlines()[-1]
+    return list(by_id.values())
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _create_parent_run(spec: SweepSpec, sweep_dir: Path, uri: str, experiment_name: str) -> str:
+    from mlflow.entities import Param
+
+    vlm, train = spec.base_configs()
+    config = configs_to_dict(vlm, train)
+    tags = tracking.run_tags(config, preset=spec.preset, world_size=train.num_workers,
+                             device_type="cuda" if train.use_gpu else "cpu",
+                             extra={SWEEP_TAG: spec.name, "nanovlm.kind": "sweep",
+                                    "nanovlm.sweep_dir": str(sweep_dir), "nanovlm.metric": spec.metric,
+                                    "nanovlm.mode": spec.mode})
+    client = tracking._client(uri)
+    experiment_id = tracking.get_or_create_experiment(uri, experiment_name)
+    run = client.create_run(experiment_id, tags=tags, run_name=sweep_dir.name)
+    params = {"preset": spec.preset, "metric": spec.metric, "mode": spec.mode, "num_samples": spec.num_samples,
+              "max_concurrent_trials": spec.max_concurrent_trials, "scheduler": spec.scheduler.type,
+              **{f"space.{k}": d.describe() for k, d in spec.space.items()},
+              **{f"fixed.{k}": v for k, v in spec.overrides.items()}}
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    space_file = sweep_dir / "space.yaml"
+    space_file.write_text(spec.source_text or _spec_as_yaml(spec))
+    client.log_artifact(run.info.run_id, str(space_file))
+    logger.info("MLflow parent run %s (experiment %r) in %s", run.info.run_id, experiment_name, uri)
+    return run.info.run_id
+
+
+def _finish_parent(parent: tracking.TrackingRun, spec: SweepSpec, records: list[TrialRecord],
+                   best: Optional[TrialRecord], files: dict[str, Path], interrupted: bool) -> None:
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[record.status] = counts.get(record.status, 0) + 1
+    tags = {f"nanovlm.trials_{status}": str(n) for status, n in counts.items()}
+    if best is not None:
+        tags["nanovlm.best_trial"] = best.trial_id
+        if best.run_id:
+            tags["nanovlm.best_run_id"] = best.run_id
+        metrics = {f"best_{spec.metric}": best.final(spec.metric)}
+        metrics.update({f"best.{k}": v for k, v in best.config.items() if isinstance(v, (int, float))})
+        parent.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=0)
+    parent.set_tags(tags)
+    for path in files.values():
+        parent.log_artifact(path)
+    parent.end("KILLED" if interrupted else "FINISHED")
+
+
+def _spec_as_yaml(spec: SweepSpec) -> str:
+    import yaml
+
+    data = {"name": spec.name, "preset": spec.preset, "overrides": spec.overrides,
+            "space": {k: {d.kind: list(d.args)} for k, d in spec.space.items()},
+            "metric": spec.metric, "mode": spec.mode,
+            "scheduler": vars(spec.scheduler), "num_samples": spec.num_samples,
+            "max_concurrent_trials": spec.max_concurrent_trials,
+            "resources": {"driver_cpus": spec.driver_cpus}, "time_budget_s": spec.time_budget_s,
+            "seed": spec.seed}
+    return yaml.safe_dump(data, sort_keys=False)
