@@ -47,9 +47,9 @@ def test_kv_cached_greedy_decoding_equals_full_recomputation(model):
     ids = _prompt(6, seed=1)
     images = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        expected = _recompute_greedy(model, ids, images, 12)
-    got = model.generate(ids, images=images, max_new_tokens=12, greedy=True)
-    assert got.shape == (1, 12)
+        expected = _recompute_greedy(model, ids, images, 8)
+    got = model.generate(ids, images=images, max_new_tokens=8, greedy=True)
+    assert got.shape == (1, 8)
     assert torch.equal(got, expected)
 
 
@@ -158,3 +158,48 @@ def test_seeded_sampling_is_reproducible(model):
     torch.manual_seed(5)
     b = model.generate(ids, images=images, max_new_tokens=6, top_k=20, top_p=0.9, temperature=0.8)
     assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- `nanovlm generate`
+
+def test_generate_command_prints_the_greedy_answer(tmp_path, capsys):
+    from PIL import Image
+
+    from nanovlm.cli import main
+    from nanovlm.config import preset
+    from nanovlm.data.processors import get_image_processor, get_tokenizer
+
+    cfg = preset("tiny")[0].replace(lm_tie_weights=False, vit_n_blocks=1, lm_n_blocks=1)
+    torch.manual_seed(0)
+    model = VisionLanguageModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    model.save_pretrained(tmp_path / "ckpt")
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(tmp_path / "red.png")
+
+    # Reference, built from the documented contract: chat template, one user turn opened by
+    # mp_image_token_length image placeholders, greedy decoding until <|im_end|>.
+    tok = get_tokenizer(cfg.lm_tokenizer, cfg.vlm_extra_tokens, cfg.lm_chat_template)
+    text = tok.apply_chat_template([{"role": "user", "content": tok.image_token * 16 + "what colour?"}],
+                                   tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    pixels = get_image_processor(64)(Image.open(tmp_path / "red.png"))[None]
+    stop = tok.convert_tokens_to_ids("<|im_end|>")
+    out = model.generate(ids, images=pixels, max_new_tokens=6, greedy=True, eos_token_id=stop)[0].tolist()
+    expected = tok.decode(out[:out.index(stop)] if stop in out else out, skip_special_tokens=True).strip()
+    assert expected
+
+    rc = main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--image", str(tmp_path / "red.png"),
+               "--prompt", "what colour?", "--max-new-tokens", "6", "--greedy"])
+    assert rc == 0
+    assert capsys.readouterr().out.strip() == expected
+
+
+def test_generate_command_reports_a_missing_image(tmp_path, capsys):
+    from nanovlm.cli import main
+
+    rc = main(["generate", "--checkpoint", str(tmp_path), "--image", str(tmp_path / "nope.png"), "--prompt", "hi"])
+    assert rc == 2
+    assert "nope.png" in capsys.readouterr().err

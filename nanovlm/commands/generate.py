@@ -1,11 +1,109 @@
-"""`nanovlm generate` (not built yet)."""
+"""`nanovlm generate`: answer a prompt about an image with a checkpoint.
+
+    nanovlm generate --checkpoint runs/tiny/checkpoints/step_001500 --image photo.png \\
+        --prompt "What colour is the shape?" [--max-new-tokens 32] [--greedy]
+
+The checkpoint is a directory written by `save_pretrained` (or a training checkpoint, or a
+Hub repo id). The prompt is built as in training: the chat template, one user turn that opens
+with `mp_image_token_length` image placeholders. Prints the answer on stdout.
+"""
+
+from __future__ import annotations
 
 import argparse
+import json
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--checkpoint", required=True,
+                        help="model directory (config.json + model.safetensors) or Hub repo id")
+    parser.add_argument("--image", required=True, action="append",
+                        help="image file (repeat for several images; all go before the prompt)")
+    parser.add_argument("--prompt", required=True, help="the question")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
+    parser.add_argument("--temperature", type=float, default=0.5)
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer name or directory (default: the checkpoint's own, its training "
+                             "config's tokenizer_path, else VLMConfig.lm_tokenizer)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("nanovlm generate is not implemented yet")
+    print(answer(args.checkpoint, args.image, args.prompt, max_new_tokens=args.max_new_tokens,
+                 greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                 seed=args.seed, tokenizer=args.tokenizer, device=args.device))
+    return 0
+
+
+def answer(checkpoint: str, images: list[str] | str, prompt: str, max_new_tokens: int = 32, greedy: bool = False,
+           temperature: float = 0.5, top_k: int | None = 50, top_p: float | None = 0.9, seed: int = 0,
+           tokenizer: str | None = None, device: str = "auto") -> str:
+    """The decoded answer of the model in `checkpoint` to `prompt` about `images`."""
+    import torch
+    from PIL import Image
+
+    from nanovlm.data.processors import get_image_processor, get_tokenizer
+    from nanovlm.models import VisionLanguageModel
+
+    images = [images] if isinstance(images, str) else list(images)
+    for path in images:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--image {path} does not exist.")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(seed)
+
+    model = VisionLanguageModel.from_pretrained(checkpoint).to(device).eval()
+    cfg = model.cfg
+    tok = get_tokenizer(_tokenizer_source(checkpoint, cfg.lm_tokenizer, tokenizer), cfg.vlm_extra_tokens,
+                        cfg.lm_chat_template)
+    if tok.image_token_id != model.image_token_id:
+        raise ValueError(f"The tokenizer's image token id is {tok.image_token_id} but the model expects "
+                         f"{model.image_token_id}; pass the tokenizer the model was trained with (--tokenizer).")
+
+    processor = get_image_processor(cfg.vit_img_size)
+    pixels = torch.stack([processor(Image.open(p)) for p in images]).to(device)     # [N, 3, H, W]
+    placeholder = tok.image_token * (cfg.mp_image_token_length * len(images))
+    text = tok.apply_chat_template([{"role": "user", "content": placeholder + prompt}], tokenize=False,
+                                   add_generation_prompt=True)
+    input_ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]], device=device)
+
+    stop = _stop_token(tok)
+    out = model.generate(input_ids, images=pixels, max_new_tokens=max_new_tokens, greedy=greedy,
+                         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=stop)[0].tolist()
+    if stop is not None and stop in out:
+        out = out[:out.index(stop)]
+    return tok.decode(out, skip_special_tokens=True).strip()
+
+
+def _tokenizer_source(checkpoint: str, configured: str, override: str | None) -> str:
+    if override:
+        return override
+    directory = Path(checkpoint)
+    if directory.is_dir():
+        if any((directory / name).is_file() for name in TOKENIZER_FILES):
+            return str(directory)
+        train_config = directory / "train_config.json"   # written next to training checkpoints
+        if train_config.is_file():
+            path = json.loads(train_config.read_text()).get("tokenizer_path")
+            if path:
+                return path
+    return configured
+
+
+def _stop_token(tokenizer) -> int | None:
+    """The end-of-turn token the chat template closes answers with, else EOS."""
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
+        return end_of_turn
+    return tokenizer.eos_token_id
