@@ -39,13 +39,13 @@ MAX_OBJECTS = len(POSITIONS)
 # A scene's split is its content hash modulo 100, in [lo, hi).
 SPLIT_BUCKETS = {"train": (0, 80), "validation": (80, 90), "test": (90, 100)}
 
-# Geometry in pixels of a 64 px image (scaled for other sizes). A large shape never exceeds a
-# grid cell (64/3 = 21.3 px) by its minimum side, so a scene can always be laid out without overlap.
+# Geometry in pixels of a 64 px image, scaled to img_size and rounded to whole pixels (so two
+# different geometries are two different images). The smallest large side (20) is below a grid
+# cell (64/3 = 21.3), so any scene fits without overlap at minimum sides and no jitter.
 SIDE_RANGE = {"small": (12, 16), "large": (20, 26)}
 JITTER = 3
 BACKGROUND = (255, 255, 255)
-_BASE = 64.0
-_CELL = _BASE / 3
+_BASE = 64
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,8 @@ class ShapeObject:
     colour: str
     size: str
     cell: int      # index into POSITIONS
-    cx: float      # centre and side in 64 px units
-    cy: float
+    x0: int        # top-left corner and side of the bounding box, in pixels of the image
+    y0: int
     side: int
 
     @property
@@ -98,14 +98,14 @@ def _check_args(split: str, max_objects: int) -> None:
 # ==================================================================== scenes and questions
 
 def generate_sample(seed: int, split: str, index: int, max_objects: int = 1,
-                    question_types: Sequence[str] = QUESTION_TYPES) -> ShapesSample:
+                    question_types: Sequence[str] = QUESTION_TYPES, img_size: int = 64) -> ShapesSample:
     """The sample at `index` of `split`: a pure function of its arguments (no drawing)."""
     _check_args(split, max_objects)
     lo, hi = SPLIT_BUCKETS[split]
     # A str seed is hashed with SHA-512: stable across processes and PYTHONHASHSEED.
     rng = random.Random(f"shapes/{DATA_VERSION}/{seed}/{split}/{index}")
     for _ in range(10_000):
-        objects = _scene(rng, max_objects)
+        objects = _scene(rng, max_objects, img_size)
         if lo <= content_bucket(objects) < hi:
             return _question(rng, objects, tuple(question_types))
     raise RuntimeError(f"no {split} scene found for index {index}")  # probability ~0
@@ -113,43 +113,51 @@ def generate_sample(seed: int, split: str, index: int, max_objects: int = 1,
 
 def content_bucket(objects: Sequence[ShapeObject]) -> int:
     """Which of 100 buckets the image content hashes to (decides the split)."""
-    key = ";".join(f"{o.cell},{o.shape},{o.colour},{o.side},{o.cx:.3f},{o.cy:.3f}"
+    key = ";".join(f"{o.cell},{o.shape},{o.colour},{o.side},{o.x0},{o.y0}"
                    for o in sorted(objects, key=lambda o: o.cell))
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % 100
 
 
-def _scene(rng: random.Random, max_objects: int) -> tuple[ShapeObject, ...]:
+def _scene(rng: random.Random, max_objects: int, img_size: int) -> tuple[ShapeObject, ...]:
     n = rng.randint(1, max_objects)
     pairs = rng.sample(_ALL_PAIRS, n)           # distinct (colour, shape): referents are unique
     cells = rng.sample(range(MAX_OBJECTS), n)
     sizes = [rng.choice(SIZES) for _ in range(n)]
-    for _ in range(20):
+    for _ in range(8):
         objects = tuple(_place(shape, colour, size, cell, rng.randint(*SIDE_RANGE[size]),
-                               rng.randint(-JITTER, JITTER), rng.randint(-JITTER, JITTER))
+                               rng.randint(-JITTER, JITTER), rng.randint(-JITTER, JITTER), img_size)
                         for (colour, shape), cell, size in zip(pairs, cells, sizes))
         if not _any_overlap(objects):
             return objects
     # Minimum sides at the cell centres never overlap (see SIDE_RANGE).
-    return tuple(_place(shape, colour, size, cell, SIDE_RANGE[size][0], 0, 0)
+    return tuple(_place(shape, colour, size, cell, SIDE_RANGE[size][0], 0, 0, img_size)
                  for (colour, shape), cell, size in zip(pairs, cells, sizes))
 
 
 _ALL_PAIRS = [(colour, shape) for colour in COLOURS for shape in SHAPES]
 
 
-def _place(shape: str, colour: str, size: str, cell: int, side: int, dx: int, dy: int) -> ShapeObject:
+def _place(shape: str, colour: str, size: str, cell: int, side: int, dx: int, dy: int,
+           img_size: int) -> ShapeObject:
+    """An object of `side` (64 px units) centred `dx, dy` off its cell's centre, in whole pixels
+    of an img_size image and kept inside it."""
+    scale = img_size / _BASE
     row, col = divmod(cell, 3)
-    half = side / 2
-    cx = min(max((col + 0.5) * _CELL + dx, half), _BASE - half)  # keep the shape inside the image
-    cy = min(max((row + 0.5) * _CELL + dy, half), _BASE - half)
-    return ShapeObject(shape, colour, size, cell, cx, cy, side)
+    side_px = max(1, round(side * scale))
+
+    def corner(index: int, offset: int) -> int:
+        centre = (index + 0.5) * img_size / 3 + round(offset * scale)
+        return min(max(round(centre - side_px / 2), 0), img_size - side_px)
+
+    return ShapeObject(shape, colour, size, cell, corner(col, dx), corner(row, dy), side_px)
 
 
 def _any_overlap(objects: Sequence[ShapeObject]) -> bool:
     for i, a in enumerate(objects):
         for b in objects[i + 1:]:
-            gap = (a.side + b.side) / 2 + 1
-            if abs(a.cx - b.cx) < gap and abs(a.cy - b.cy) < gap:
+            # boxes [x0, x0 + side) closer than one pixel of background
+            if (a.x0 <= b.x0 + b.side and b.x0 <= a.x0 + a.side
+                    and a.y0 <= b.y0 + b.side and b.y0 <= a.y0 + a.side):
                 return True
     return False
 
@@ -198,15 +206,15 @@ def render_image(objects: Sequence[ShapeObject], img_size: int = 64) -> Image.Im
     """Solid shapes on a plain background, RGB, img_size x img_size."""
     image = Image.new("RGB", (img_size, img_size), BACKGROUND)
     draw = ImageDraw.Draw(image)
-    scale = img_size / _BASE
     for o in objects:
-        cx, cy, r = o.cx * scale, o.cy * scale, o.side * scale / 2
+        x1, y1 = o.x0 + o.side - 1, o.y0 + o.side - 1  # PIL boxes include their last pixel
         fill = COLOURS[o.colour]
         if o.shape == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+            draw.ellipse((o.x0, o.y0, x1, y1), fill=fill)
         elif o.shape == "square":
-            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+            draw.rectangle((o.x0, o.y0, x1, y1), fill=fill)
         else:
+            cx, cy, r = (o.x0 + x1) / 2, (o.y0 + y1) / 2, (o.side - 1) / 2
             draw.polygon([(cx + x * r, cy + y * r) for x, y in _OUTLINES[o.shape]], fill=fill)
     return image
 
@@ -259,7 +267,8 @@ class ShapesRows(Sequence):
     def sample(self, index: int) -> ShapesSample:
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for a shapes split of {self.size}")
-        return generate_sample(self.seed, self.split, index, self.max_objects, self.question_types)
+        return generate_sample(self.seed, self.split, index, self.max_objects, self.question_types,
+                               self.img_size)
 
     def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
         if index < 0:
@@ -345,8 +354,9 @@ def chance_per_type(max_objects: int = 1, question_types: str | Sequence[str] = 
     return dict(_majority_baseline(max_objects, parse_question_types(question_types), samples, seed, split))
 
 
-def shapes_text_rows(samples: int = 4000, seed: int = 0) -> Iterator[dict[str, Any]]:
+def shapes_text_rows(samples: int = 3000, seed: int = 0) -> Iterator[dict[str, Any]]:
     """Text-only rows covering every question type, object count and phrasing: the corpus the
-    `shapes-bpe-*` tokenizers are trained on."""
+    `shapes-bpe-*` tokenizers are trained on (changing it changes their ids: bump DATA_VERSION)."""
     for i in range(samples):
-        yield sample_to_row(generate_sample(seed, "train", i, MAX_OBJECTS if i % 2 else 1), with_image=False)
+        max_objects = 1 if i % 2 == 0 else 1 + (i // 2) % MAX_OBJECTS
+        yield sample_to_row(generate_sample(seed, "train", i, max_objects), with_image=False)
