@@ -100,3 +100,43 @@ def test_each_epoch_is_a_fresh_permutation_and_ranks_do_not_overlap():
 def test_sampler_refuses_a_dataset_smaller_than_a_batch():
     with pytest.raises(ValueError, match="batch_size=8"):
         ResumableBatchSampler(7, 8, seed=0)
+
+
+# ---------------------------------------------------------------------------- end to end
+
+def tiny_configs(output_dir, **changes):
+    """A ~50k-parameter model on 32 px shapes: a few steps take seconds on one core."""
+    from nanovlm.config import preset
+    settings = dict(
+        vit_img_size=32, vit_patch_size=8, vit_hidden_dim=32, vit_inter_dim=64, vit_n_heads=2, vit_n_blocks=1,
+        lm_hidden_dim=32, lm_inter_dim=64, lm_n_heads=2, lm_n_kv_heads=1, lm_n_blocks=1,
+        batch_size=4, shapes_train_size=64, shapes_eval_size=8, eval_samples=4, max_new_tokens_eval=3,
+        eval_interval=1000, checkpoint_interval=1000, log_interval=1000, output_dir=str(output_dir),
+        peak_flops=1e12, warmup_ratio=0.2)
+    settings.update(changes)
+    return preset("tiny", **settings)
+
+
+class LossRecorder:
+    def __init__(self):
+        from nanovlm.training import TrainHooks
+        self.losses = {}
+        self.hooks = type("Recorder", (TrainHooks,), {"on_step": lambda _, step, m: self.losses.__setitem__(step, m["loss"])})()
+
+
+def test_resumed_run_reproduces_the_uninterrupted_losses(tmp_path):
+    from nanovlm.training import train
+    # dropout and gradient accumulation make the RNG state and the data position matter
+    changes = dict(max_training_steps=6, checkpoint_interval=3, eval_interval=3, gradient_accumulation_steps=2,
+                   lm_dropout=0.1, vit_dropout=0.1)
+    full = LossRecorder()
+    train(*tiny_configs(tmp_path / "full", **changes), hooks=full.hooks)
+    checkpoint = tmp_path / "full" / "checkpoints" / "step_000003"
+    assert checkpointing.load_train_state(checkpoint)["data_position"]["batches_consumed"] == 6
+
+    resumed = LossRecorder()
+    summary = train(*tiny_configs(tmp_path / "resumed", **changes), hooks=resumed.hooks, resume_from=checkpoint)
+    assert sorted(resumed.losses) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed.losses[step] == pytest.approx(full.losses[step], rel=1e-6, abs=1e-7), step
+    assert summary["steps"] == 6 and summary["resumed_from"] == str(checkpoint)

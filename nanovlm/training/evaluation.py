@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,37 +23,12 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
-def answer_start(labels: torch.Tensor) -> int:
-    """Position of the first input token that is part of the answer.
-
-    `labels` are already shifted (labels[t] is the target for the prediction made at
-    position t, i.e. input_ids[t + 1]), so if labels[t] is the first supervised one the
-    prompt is input_ids[:t + 1] and the answer starts at t + 1."""
-    supervised = (labels != IGNORE_INDEX).nonzero()
+def answer_end_token(labels: torch.Tensor) -> int:
+    """The token that closes an answer (e.g. `<|im_end|>`): the last supervised label of a row."""
+    supervised = labels[labels != IGNORE_INDEX]
     if len(supervised) == 0:
         raise ValueError("A validation sample has no supervised (answer) tokens; cannot evaluate it.")
-    return int(supervised[0]) + 1
-
-
-def answer_end_token(labels: torch.Tensor) -> int:
-    """The token that closes an answer: the last supervised label of a sample."""
-    supervised = labels[labels != IGNORE_INDEX]
     return int(supervised[-1])
-
-
-def _left_pad(seqs: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    longest = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, longest - len(s):] = s
-        mask[i, longest - len(s):] = 1
-    return ids, mask
-
-
-def _stack_images(items: Sequence[dict[str, Any]]) -> torch.Tensor | None:
-    images = [item["images"] for item in items if item.get("images") is not None and len(item["images"])]
-    return torch.cat(images, dim=0) if images else None
 
 
 def _cut_at(ids: list[int], stop: int) -> list[int]:
@@ -75,7 +50,6 @@ def evaluate(model: torch.nn.Module, val_dataset: Any, collator: Any, tokenizer:
         from nanovlm.data import normalize_answer as normalize
     n = min(eval_samples, len(val_dataset))
     indices = list(range(rank, n, world_size))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
     model.eval()
     loss_sum, token_count = 0.0, 0
@@ -85,32 +59,26 @@ def evaluate(model: torch.nn.Module, val_dataset: Any, collator: Any, tokenizer:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for start in range(0, len(indices), batch_size):
                 items = [val_dataset[i] for i in indices[start:start + batch_size]]
-                items = [item for item in items if item is not None]
-                if not items:
-                    continue
                 # --- loss over the answer tokens, through the training collator
-                batch = collator(items)
+                batch = collator(items)  # also gives left-padded prompt_ids (before the answer)
                 labels = batch["labels"].to(device)
+                images = _images_to(batch.get("images"), device)
                 with autocast():
-                    logits, _ = model(batch["input_ids"].to(device), _images_to(batch.get("images"), device),
+                    logits, _ = model(batch["input_ids"].to(device), images,
                                       attention_mask=batch["attention_mask"].to(device))
-                token_losses = torch.nn.functional.cross_entropy(
-                    logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-                loss_sum += float(token_losses)
+                loss_sum += float(torch.nn.functional.cross_entropy(
+                    logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"))
                 token_count += int((labels != IGNORE_INDEX).sum())
-                # --- answers generated from the prompt alone
-                prompts = [item["input_ids"][:answer_start(item["labels"])] for item in items]
-                ids, mask = _left_pad(prompts, pad_id)
-                stop = answer_end_token(items[0]["labels"])
+                # --- answers generated greedily from the prompt alone
+                stop = answer_end_token(batch["labels"][0])
                 with autocast():
-                    generated = model.generate(ids.to(device), _images_to(_stack_images(items), device),
-                                               attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                               greedy=True, eos_token_id=stop)
-                for item, out in zip(items, generated.tolist()):
+                    generated = model.generate(batch["prompt_ids"].to(device), images,
+                                               attention_mask=batch["prompt_attention_mask"].to(device),
+                                               max_new_tokens=max_new_tokens, greedy=True, eos_token_id=stop)
+                for qtype, answer, out in zip(batch["question_types"], batch["answers"], generated.tolist()):
                     text = tokenizer.decode(_cut_at(out, stop), skip_special_tokens=True)
-                    qtype = item.get("question_type") or "all"
                     total[qtype] += 1
-                    correct[qtype] += int(normalize(text) == normalize(item["answer"]))
+                    correct[qtype] += int(normalize(text) == normalize(answer))
     finally:
         model.train(was_training)
 

@@ -204,6 +204,9 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None =
         torch.cuda.reset_peak_memory_stats(device)
 
     def run_eval(at_step: int) -> dict[str, float]:
+        if val_ds is None:
+            logger.warning("No validation set: step %d is not evaluated.", at_step)
+            return {}
         result = evaluate(model, val_ds, collator, tokenizer, eval_samples=train_cfg.eval_samples,
                           batch_size=train_cfg.batch_size, max_new_tokens=train_cfg.max_new_tokens_eval,
                           device=device, autocast=autocast, rank=rank, world_size=world_size)
@@ -315,12 +318,21 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None =
         eval_metrics = run_eval(step)
 
     summary = _summary(vlm_cfg, train_cfg, step, start_step, time.perf_counter() - wall_start, last_metrics,
-                       eval_metrics, totals, last_checkpoint, resume_dir, getattr(val_ds, "chance", None))
+                       eval_metrics, totals, last_checkpoint, resume_dir, _chance(train_cfg))
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     hooks.on_end(summary)
     return summary
+
+
+def _chance(train_cfg: TrainConfig) -> dict[str, float] | None:
+    """Majority-answer accuracy per question type, where the dataset knows it (shapes)."""
+    if train_cfg.train_dataset_path != "shapes":
+        return None
+    from nanovlm.data import chance_per_type
+    return chance_per_type(train_cfg.shapes_max_objects, train_cfg.shapes_question_types,
+                           seed=train_cfg.shapes_seed, split="validation")
 
 
 def _summary(vlm_cfg, train_cfg, step, start_step, wall_time, last_metrics, eval_metrics, totals,

@@ -1,0 +1,156 @@
+"""The training loop end to end on a tiny model: it learns, freezes, stops on NaN, reports and
+writes summary.json."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from nanovlm.config import preset
+from nanovlm.models import VisionLanguageModel
+from nanovlm.training import NonFiniteLossError, TrainHooks, train
+from nanovlm.training.checkpointing import list_checkpoints, load_train_state
+
+STEP_KEYS = {"loss", "lr_mp", "lr_vision_backbone", "lr_language_backbone", "grad_norm", "tokens_per_second",
+             "samples_per_second", "images_per_second", "step_time", "data_wait", "mfu", "peak_memory_mb"}
+
+
+def tiny_configs(output_dir, **changes):
+    """A ~50k-parameter model on 32 px shapes: a few steps take seconds on one core."""
+    settings = dict(
+        vit_img_size=32, vit_patch_size=8, vit_hidden_dim=32, vit_inter_dim=64, vit_n_heads=2, vit_n_blocks=1,
+        lm_hidden_dim=32, lm_inter_dim=64, lm_n_heads=2, lm_n_kv_heads=1, lm_n_blocks=1,
+        batch_size=4, shapes_train_size=64, shapes_eval_size=8, eval_samples=4, max_new_tokens_eval=3,
+        eval_interval=1000, checkpoint_interval=1000, log_interval=1000, output_dir=str(output_dir),
+        peak_flops=1e12, warmup_ratio=0.2)
+    settings.update(changes)
+    return preset("tiny", **settings)
+
+
+class Recorder(TrainHooks):
+    def __init__(self):
+        self.steps, self.evals, self.checkpoints, self.ends = {}, {}, [], []
+        self.model = None
+
+    def wrap_model(self, model):
+        self.model = model
+        self.initial = {k: v.clone() for k, v in model.state_dict().items()}
+        return model
+
+    def on_step(self, step, metrics):
+        self.steps[step] = metrics
+
+    def on_eval(self, step, metrics):
+        self.evals[step] = metrics
+
+    def on_checkpoint(self, step, checkpoint_dir, metrics):
+        self.checkpoints.append((step, checkpoint_dir))
+
+    def on_end(self, summary):
+        self.ends.append(summary)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """5 steps, accumulation 2, eval every 2 steps, checkpoint every 2 steps (keep 2)."""
+    out = tmp_path_factory.mktemp("run")
+    hooks = Recorder()
+    vlm_cfg, train_cfg = tiny_configs(out, max_training_steps=5, eval_interval=2, checkpoint_interval=2,
+                                      gradient_accumulation_steps=2, checkpoints_to_keep=2)
+    summary = train(vlm_cfg, train_cfg, hooks=hooks)
+    return out, hooks, summary, vlm_cfg, train_cfg
+
+
+def test_loss_falls_within_tens_of_steps(tmp_path):
+    hooks = Recorder()
+    train(*tiny_configs(tmp_path, max_training_steps=30, batch_size=8, shapes_question_types="colour",
+                        lr_mp=3e-3, lr_vision_backbone=3e-3, lr_language_backbone=3e-3, warmup_ratio=0.1),
+          hooks=hooks)
+    losses = [hooks.steps[s]["loss"] for s in sorted(hooks.steps)]
+    first, last = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+
+
+def test_every_step_reports_the_documented_metrics_as_plain_floats(short_run):
+    _, hooks, *_ = short_run
+    assert sorted(hooks.steps) == [1, 2, 3, 4, 5]
+    for metrics in hooks.steps.values():
+        assert STEP_KEYS <= metrics.keys()
+        assert all(type(v) is float and math.isfinite(v) for v in metrics.values())
+        assert 0 < metrics["mfu"] < 1 and metrics["samples_per_second"] > 0
+
+
+def test_eval_runs_at_the_interval_and_at_the_end(short_run):
+    _, hooks, *_ = short_run
+    assert sorted(hooks.evals) == [2, 4, 5]
+    final = hooks.evals[5]
+    assert {"val_loss", "val_accuracy"} <= final.keys()
+    assert any(k.startswith("val_accuracy_") for k in final)
+
+
+def test_checkpoints_at_the_interval_and_at_the_end_keeping_the_last_two(short_run):
+    out, hooks, *_ = short_run
+    assert [s for s, _ in hooks.checkpoints] == [2, 4, 5]
+    assert [p.name for p in list_checkpoints(out)] == ["step_000004", "step_000005"]
+    state = load_train_state(out / "checkpoints" / "step_000005")
+    assert state["step"] == 5
+    assert state["data_position"]["batches_consumed"] == 10  # 5 steps x 2 micro-batches
+
+
+def test_final_checkpoint_loads_as_the_trained_model(short_run):
+    out, hooks, *_ = short_run
+    loaded = VisionLanguageModel.from_pretrained(out / "checkpoints" / "step_000005")
+    for name, tensor in hooks.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_summary_json_holds_final_metrics_chance_and_config(short_run):
+    out, hooks, summary, vlm_cfg, train_cfg = short_run
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert hooks.ends == [summary]
+    assert on_disk["steps"] == 5
+    assert on_disk["val_loss"] == pytest.approx(hooks.evals[5]["val_loss"])
+    assert on_disk["val_accuracy"] == hooks.evals[5]["val_accuracy"]
+    for key in ("tokens_per_second", "wall_time_s", "train_loss"):
+        assert on_disk[key] > 0
+    assert {k.removeprefix("val_accuracy_") for k in on_disk if k.startswith("val_accuracy_")} <= \
+        set(on_disk["chance"])
+    assert on_disk["config"] == {"vlm": vlm_cfg.to_dict(), "train": train_cfg.to_dict()}
+
+
+def test_zero_lr_leaves_that_part_bit_identical(tmp_path):
+    hooks = Recorder()
+    train(*tiny_configs(tmp_path, max_training_steps=3, lr_vision_backbone=0.0, weight_decay=0.1,
+                        warmup_ratio=0.0), hooks=hooks)
+    final = hooks.model.state_dict()
+    vision = [k for k in final if k.startswith("vision_encoder.")]
+    assert vision and all(torch.equal(final[k], hooks.initial[k]) for k in vision)
+    assert not all(torch.equal(final[k], hooks.initial[k]) for k in final if k.startswith("decoder."))
+
+
+class PoisonAfter(Recorder):
+    """Sets one weight to NaN after `step`, so the next step's loss is NaN."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.poison_step = step
+
+    def on_step(self, step, metrics):
+        super().on_step(step, metrics)
+        if step == self.poison_step:
+            with torch.no_grad():
+                next(self.model.decoder.parameters()).view(-1)[0] = float("nan")
+
+
+def test_nan_loss_stops_naming_step_and_batch_and_keeps_the_last_good_checkpoint(tmp_path):
+    hooks = PoisonAfter(3)
+    vlm_cfg, train_cfg = tiny_configs(tmp_path, max_training_steps=10, checkpoint_interval=2)
+    with pytest.raises(NonFiniteLossError, match=r"step 4.*batch 3 of the epoch") as error:
+        train(vlm_cfg, train_cfg, hooks=hooks)
+    assert "step_000002" in str(error.value)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000002"]
+    good = VisionLanguageModel.from_pretrained(tmp_path / "checkpoints" / "step_000002")
+    assert all(torch.isfinite(p).all() for p in good.parameters())
+    assert not (tmp_path / "summary.json").exists()
