@@ -76,13 +76,15 @@ def worker_config(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Op
 
 def build_trainer(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, run_name: Optional[str] = None,
                   preset_name: Optional[str] = None, tracking_spec: Optional[dict[str, Any]] = None,
-                  callbacks: Sequence[Any] = (), storage_path: Optional[str] = None):
+                  callbacks: Sequence[Any] = (), storage_path: Optional[str] = None,
+                  worker_env: Optional[dict[str, str]] = None):
     """A `TorchTrainer` for these configs (validated first).
 
     tracking_spec: None turns MLflow off in the workers; otherwise a dict with any of `uri`,
     `experiment_name`, `run_id` (log into an existing run), `parent_run_id` (create a nested
     run, e.g. one per Tune trial), `run_name`, `tags`.
     callbacks: extra Train callbacks, e.g. `ray.tune.integration.ray_train.TuneReportCallback()`.
+    worker_env: environment variables for the workers (e.g. NCCL_DEBUG, NANOVLM_KILL_RANK_AT_STEP).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -106,6 +108,7 @@ def build_trainer(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, run_name: Optio
             checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
             callbacks=list(callbacks) or None,
+            worker_runtime_env={"env_vars": dict(worker_env)} if worker_env else None,
         ),
     )
 
@@ -193,7 +196,7 @@ def _check_resume_compatible(previous: dict[str, Any], vlm_cfg: VLMConfig, name:
 
 def run_training(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Optional[str] = None,
                  run_name: Optional[str] = None, tracking_uri: Optional[str] = None,
-                 track: bool = True) -> dict[str, Any]:
+                 track: bool = True, worker_env: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """Train on Ray Train and return a summary dict.
 
     Order matters: configs, then the MLflow store, then the cluster's resources, and only then
@@ -232,7 +235,7 @@ def run_training(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Opt
                                         "mlflow_run_id": spec and spec["run_id"], "tracking_uri": uri})
 
     trainer = build_trainer(vlm_cfg, train_cfg, run_name=name, preset_name=preset_name,
-                            tracking_spec=spec, storage_path=storage)
+                            tracking_spec=spec, storage_path=storage, worker_env=worker_env)
     status = "FAILED"
     try:
         result = trainer.fit()

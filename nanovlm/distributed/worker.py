@@ -21,6 +21,8 @@ train_state.pt with optimizer/scheduler/RNG/data position).
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -35,6 +37,9 @@ from nanovlm.training.hooks import TrainHooks
 logger = logging.getLogger(__name__)
 
 MLFLOW_RUN_ID_KEY = "mlflow_run_id"  # in the Ray checkpoint's metadata
+# Fault injection for tests and drills: "RANK:STEP" makes that rank SIGKILL itself after STEP,
+# once (only in a worker group that did not start from a checkpoint).
+KILL_ENV = "NANOVLM_KILL_RANK_AT_STEP"
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -104,6 +109,7 @@ class RayTrainHooks(TrainHooks):
         return path
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        self._maybe_kill_self(step)
         metrics = dict(metrics)
         if self.world_size > 1:
             # The loop's loss is this rank's; report the mean over ranks, the loss of the global batch.
@@ -158,6 +164,15 @@ class RayTrainHooks(TrainHooks):
         if self._download_dir is not None:
             self._download_dir.cleanup()
             self._download_dir = None
+
+    def _maybe_kill_self(self, step: int) -> None:
+        target = os.environ.get(KILL_ENV)
+        if not target or self._ray_checkpoint is not None:
+            return
+        rank, at_step = (int(x) for x in target.split(":"))
+        if rank == self.rank and step == at_step:
+            logger.warning("%s=%s: rank %d kills its own process after step %d.", KILL_ENV, target, rank, step)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _is_eval_step(self, step: int) -> bool:
         return step % self.train_cfg.eval_interval == 0 or step == self.train_cfg.max_training_steps

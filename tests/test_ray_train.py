@@ -1,0 +1,164 @@
+"""Ray Train on CPU: 2-worker DDP follows the single-process trajectory of the same global batch,
+and a run survives a killed worker by resuming from its latest checkpoint.
+
+The reference is built here, independently of the Ray path: one process, one model, and at each
+step the union of the samples that rank 0 and rank 1 see (their shards and batch samplers),
+collated into one batch of 2 x batch_size. With 2 answer tokens per sample (colour and shape
+questions), the mean of the two ranks' losses is the loss of that global batch, so DDP's
+averaged gradients equal the single-process gradients up to float rounding.
+"""
+
+import os
+import shutil
+import tempfile
+
+import pytest
+import torch
+
+from nanovlm import tracking
+from nanovlm.config import preset
+from nanovlm.distributed import run_training
+from nanovlm.distributed.worker import KILL_ENV
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+STEPS = 6
+BATCH = 4     # per worker; the global batch is 2 x BATCH
+WORKERS = 2
+
+
+def configs(tmp, **overrides):
+    settings = dict(
+        shapes_question_types="colour,shape", shapes_train_size=64, shapes_eval_size=8, eval_samples=8,
+        eval_interval=1000, batch_size=BATCH, max_training_steps=STEPS, checkpoint_interval=STEPS,
+        report_interval=2, log_interval=1, num_workers=WORKERS, checkpoints_to_keep=2,
+        storage_path=str(tmp / "ray_results"), output_dir=str(tmp / "out"), experiment_name="ray-train-tests",
+        peak_flops=1e12)  # skip measuring the matmul peak in every worker
+    settings.update(overrides)
+    return preset("tiny", **settings)
+
+
+@pytest.fixture(scope="module")
+def reference_losses(tmp_path_factory):
+    """Per-step losses of one process trained on the global batch of a 2-worker run."""
+    from nanovlm.data import VQACollator, build_datasets, get_tokenizer
+    from nanovlm.models import VisionLanguageModel
+    from nanovlm.training.loop import seed_everything
+    from nanovlm.training.optim import build_optimizer, build_scheduler, trainable_parameters
+    from nanovlm.training.sampling import ResumableBatchSampler
+
+    vlm, train = configs(tmp_path_factory.mktemp("reference"))
+    tokenizer = get_tokenizer(vlm.lm_tokenizer, vlm.vlm_extra_tokens, vlm.lm_chat_template)  # also caches it
+    shards = [build_datasets(vlm, train, tokenizer, rank, WORKERS).train for rank in range(WORKERS)]
+    samplers = [iter(ResumableBatchSampler(len(shard), BATCH, train.seed)) for shard in shards]
+    collator = VQACollator(tokenizer, vlm.lm_max_length)
+
+    seed_everything(train.seed)
+    model = VisionLanguageModel(vlm, load_backbone=False)
+    model.train()
+    optimizer = build_optimizer(model, train)
+    scheduler = build_scheduler(optimizer, train)
+    losses = []
+    for _ in range(STEPS):
+        items = [shard[i] for shard, sampler in zip(shards, samplers) for i in next(sampler)]
+        assert all(int((item["labels"] != -100).sum()) == 2 for item in items)
+        batch = collator(items)
+        _, loss = model(batch["input_ids"], batch["images"], attention_mask=batch["attention_mask"],
+                        targets=batch["labels"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable_parameters(model), train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(reference_losses):
+    """One 2-CPU Ray instance for the module, loopback only, in its own temp dir."""
+    import ray
+
+    saved = {k: os.environ.get(k) for k in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",)}
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.1"  # cheap reports (see notes)
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: socket paths are length-limited
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp_dir)
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    tracking.check_tracking_store(uri)
+    return uri
+
+
+def last_value_per_step(uri, run_id, key):
+    history = tracking._client(uri).get_metric_history(run_id, key)
+    by_step = {}
+    for metric in sorted(history, key=lambda m: m.timestamp):
+        by_step[metric.step] = metric.value  # a step re-run after a restart overwrites the first try
+    return by_step
+
+
+def test_two_worker_ddp_follows_the_single_process_trajectory(ray_cluster, store, reference_losses, tmp_path):
+    vlm, train = configs(tmp_path)
+    summary = run_training(vlm, train, preset_name="tiny", run_name="ddp", tracking_uri=store)
+
+    assert summary["steps"] == STEPS
+    losses = last_value_per_step(store, summary["mlflow_run_id"], "loss")
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert [losses[s] for s in range(1, STEPS + 1)] == pytest.approx(reference_losses, rel=1e-4, abs=1e-5)
+    # throughput is global and per worker
+    tps = last_value_per_step(store, summary["mlflow_run_id"], "tokens_per_second")[STEPS]
+    per_worker = last_value_per_step(store, summary["mlflow_run_id"], "tokens_per_second_per_worker")[STEPS]
+    assert tps == pytest.approx(WORKERS * per_worker, rel=0.5)
+
+
+@pytest.fixture(scope="module")
+def fault_run(ray_cluster, store, tmp_path_factory):
+    """A 2-worker run whose rank 1 SIGKILLs itself after step 3; checkpoints every 2 steps."""
+    tmp = tmp_path_factory.mktemp("fault")
+    vlm, train = configs(tmp, checkpoint_interval=2, max_failures=1)
+    summary = run_training(vlm, train, preset_name="tiny", run_name="fault", tracking_uri=store,
+                           worker_env={KILL_ENV: "1:3"})
+    return vlm, train, summary
+
+
+def test_killed_worker_resumes_from_the_latest_checkpoint(fault_run, store, reference_losses):
+    from nanovlm.training.checkpointing import load_train_state
+
+    _, _, summary = fault_run
+    # the restarted group resumed from step 2 and ran steps 3..6: none skipped, none counted twice
+    assert summary["steps"] == STEPS
+    assert summary["steps_this_run"] == STEPS - 2
+    assert summary["resumed_from"] is not None
+    state = load_train_state(summary["ray_checkpoint"])
+    assert state["step"] == STEPS
+    assert state["data_position"]["batches_consumed"] == STEPS  # one batch per step on each rank
+    # every step's loss equals the uninterrupted reference: weights, optimizer, schedule, data position restored
+    losses = last_value_per_step(store, summary["mlflow_run_id"], "loss")
+    assert [losses[s] for s in range(1, STEPS + 1)] == pytest.approx(reference_losses, rel=1e-4, abs=1e-5)
+
+
+def test_final_checkpoint_loads_with_from_pretrained(fault_run):
+    from nanovlm.models import VisionLanguageModel
+
+    vlm, _, summary = fault_run
+    model = VisionLanguageModel.from_pretrained(summary["ray_checkpoint"])
+    assert model.cfg.to_dict() == vlm.to_dict()
+
+
+def test_a_stopped_run_resumes_from_its_storage_path(fault_run, store):
+    vlm, train, first = fault_run
+    longer = train.replace(max_training_steps=STEPS + 1)
+    second = run_training(vlm, longer, preset_name="tiny", run_name="fault", tracking_uri=store)
+    assert second["resumed"] and second["steps"] == STEPS + 1 and second["steps_this_run"] == 1
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]  # one MLflow run per training run
