@@ -1,8 +1,9 @@
 """`VQACollator`: a list of `VQADataset` items -> one left-padded batch.
 
 Left padding keeps every sequence's last token at the end of the row, where generation
-continues. A model must take positions from the attention mask (cumsum - 1) so that padding
-does not shift RoPE positions; then padding never changes a sample's loss.
+continues. Padding never changes a sample's loss as long as the model honours the attention
+mask (RoPE scores depend on relative positions only; nanovlm and HF both count positions
+from the mask anyway).
 """
 
 from __future__ import annotations
