@@ -1,0 +1,155 @@
+"""The benchmark suite's behaviour (never its speed): the harness returns finite positive
+metrics, the reference carries our weights and computes our outputs, and benchmark grids
+measure each point once (cache), skip invalid points and log to MLflow."""
+
+import math
+
+import pytest
+import torch
+
+from nanovlm.bench.harness import (
+    InferenceSpec, NanoVLMRunner, Stat, TrainSpec, benchmark, interleave, matmul_peak_flops, synthetic_batch,
+)
+from nanovlm.bench.reference import ReferenceRunner, build_reference
+from nanovlm.bench.sweep import grid_points, parse_grid, run_grid
+from nanovlm.config import ConfigError, preset
+from nanovlm.models import VisionLanguageModel
+
+
+def _tiny(**overrides):
+    return preset("tiny", lm_n_blocks=2, vit_n_blocks=2, **overrides)[0].validate()
+
+
+def test_harness_returns_every_metric_finite_and_positive():
+    result = benchmark(_tiny(), infer=InferenceSpec(batch_size=2, prompt_tokens=8, new_tokens=3),
+                       train=TrainSpec(batch_size=2, text_tokens=8), warmup=0, repeats=2, peak_flops=1e10)
+    expected_infer = {"vision_encode_s", "images_per_s", "time_to_first_token_s", "prefill_tokens_per_s",
+                      "decode_tokens_per_s", "end_to_end_s", "peak_memory_mb"}
+    expected_train = {"step_time_s", "tokens_per_s", "samples_per_s", "flops_per_s", "mfu", "peak_memory_mb"}
+    assert set(result.inference) == expected_infer
+    assert set(result.training) == expected_train
+    metrics = result.metrics()
+    assert metrics and all(math.isfinite(v) and v > 0 for v in metrics.values()), metrics
+
+
+def test_matmul_peak_is_positive_flops():
+    assert matmul_peak_flops("cpu", "float32", size=128, repeats=2) > 0
+
+
+def test_stat_reports_median_and_quartiles():
+    s = Stat.of([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (s.median, s.p25, s.p75, s.min, s.max, s.n) == (3.0, 2.0, 4.0, 1.0, 5.0, 5)
+
+
+def test_interleave_alternates_order_between_rounds():
+    calls = []
+    trials = {name: (lambda name=name: calls.append(name) or {"x": 1.0}) for name in ("a", "b")}
+    interleave(trials, warmup=0, repeats=4)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
+
+
+def test_reference_carries_our_weights_and_computes_our_outputs():
+    cfg = _tiny()
+    torch.manual_seed(0)
+    ours = VisionLanguageModel(cfg)
+    with torch.no_grad():  # non-trivial norms and biases, so a wrong mapping shows
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    o, r = NanoVLMRunner(ours), ReferenceRunner(build_reference(ours))
+    batch = synthetic_batch(cfg, batch_size=2, text_tokens=10)
+    assert (o.logits(batch) - r.logits(batch)).abs().max().item() <= 1e-4
+    one = synthetic_batch(cfg, batch_size=1, text_tokens=10, seed=3)
+    assert torch.equal(o.generate(one, 12), r.generate(one, 12))
+    _, our_loss = ours(batch.input_ids, images=batch.images, targets=batch.targets)
+    assert r.loss(batch).item() == pytest.approx(our_loss.item(), abs=1e-5)
+
+
+# ---------------------------------------------------------------- grids
+
+GRID = {
+    "name": "t",
+    "preset": "tiny",
+    "grid": {"mp_pixel_shuffle_factor": [2, 4]},
+    "measure": {"inference": {"batch_size": 1, "prompt_tokens": 4, "new_tokens": 2}, "training": None,
+                "warmup": 0, "repeats": 1},
+    "plots": [{"x": "mp_pixel_shuffle_factor", "y": "infer_decode_tokens_per_s"}],
+}
+
+
+class CountingMeasure:
+    """Stands in for the timed measurement: records which points it was asked to measure."""
+
+    def __init__(self):
+        self.keys: list[str] = []
+
+    def __call__(self, grid, points, out):
+        self.keys += [p.key for p in points]
+        return {p.key: {"infer_decode_tokens_per_s": 100.0 * (i + 1)} for i, p in enumerate(points)}
+
+
+def test_cached_points_are_not_measured_again(tmp_path):
+    measure = CountingMeasure()
+    first = run_grid(parse_grid(GRID), tmp_path, tracking=False, measure_fn=measure)
+    assert len(measure.keys) == 2 and len(first.measured) == 2
+
+    measure.keys.clear()
+    second = run_grid(parse_grid(GRID), tmp_path, tracking=False, measure_fn=measure)
+    assert measure.keys == [] and second.measured == []
+    assert [r["status"] for r in second.rows] == ["ok", "ok"]
+    assert [r["infer_decode_tokens_per_s"] for r in second.rows] == [r["infer_decode_tokens_per_s"] for r in first.rows]
+
+    bigger = {**GRID, "grid": {"mp_pixel_shuffle_factor": [1, 2, 4]}}
+    third = run_grid(parse_grid(bigger), tmp_path, tracking=False, measure_fn=measure)
+    assert len(measure.keys) == 1 and [r["mp_pixel_shuffle_factor"] for r in third.rows] == ["1", "2", "4"]
+
+
+def test_a_changed_setting_is_a_new_point(tmp_path):
+    measure = CountingMeasure()
+    run_grid(parse_grid(GRID), tmp_path, tracking=False, measure_fn=measure)
+    longer = {**GRID, "measure": {**GRID["measure"], "inference": {**GRID["measure"]["inference"], "new_tokens": 8}}}
+    run_grid(parse_grid(longer), tmp_path, tracking=False, measure_fn=measure)
+    assert len(measure.keys) == 4
+
+
+def test_grid_writes_tables_and_plots(tmp_path):
+    run = run_grid(parse_grid(GRID), tmp_path, tracking=False, measure_fn=CountingMeasure())
+    assert (run.output_dir / "results.csv").read_text().startswith("mp_pixel_shuffle_factor,status")
+    assert "| mp_pixel_shuffle_factor | status |" in (run.output_dir / "results.md").read_text()
+    assert (run.output_dir / "infer_decode_tokens_per_s_vs_mp_pixel_shuffle_factor.png").stat().st_size > 0
+
+
+def test_unknown_field_in_a_grid_fails_before_measuring():
+    with pytest.raises(ConfigError, match="mp_pixel_shufle_factor.*did you mean 'mp_pixel_shuffle_factor'"):
+        parse_grid({**GRID, "grid": {"mp_pixel_shufle_factor": [2]}})
+
+
+def test_invalid_point_is_reported_and_not_measured(tmp_path):
+    measure = CountingMeasure()
+    run = run_grid(parse_grid({**GRID, "grid": {"mp_pixel_shuffle_factor": [2, 3]}}), tmp_path,
+                   tracking=False, measure_fn=measure)
+    assert [r["status"] for r in run.rows] == ["ok", "invalid"]
+    assert "mp_pixel_shuffle_factor" in run.rows[1]["error"] and len(measure.keys) == 1
+
+
+def test_named_axis_applies_its_group_of_overrides():
+    grid = parse_grid({**GRID, "plots": [],
+                       "grid": {"lm": {"a": {"lm_n_blocks": 1}, "b": {"lm_n_blocks": 2, "lm_hidden_dim": 64}}}})
+    points = grid_points(grid)
+    assert [p.config["vlm"]["lm_n_blocks"] for p in points] == [1, 2]
+    assert points[1].config["vlm"]["lm_hidden_dim"] == 64 and points[0].key != points[1].key
+
+
+@pytest.mark.slow
+def test_ray_tune_grid_measures_and_logs_each_point_to_mlflow(tmp_path):
+    from nanovlm import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    grid = parse_grid({**GRID, "overrides": {"lm_n_blocks": 1, "vit_n_blocks": 1}, "resources": {"cpu": 1}})
+    run = run_grid(grid, tmp_path / "out", executor="ray", tracking=True, tracking_uri=uri)
+    assert [r["status"] for r in run.rows] == ["ok", "ok"]
+    assert all(r["infer_decode_tokens_per_s"] > 0 for r in run.rows)
+    runs = list(tracking.iter_runs("bench-t", uri))
+    children = [r for r in runs if r.data.tags.get(tracking.PARENT_RUN_TAG) == run.parent_run_id]
+    assert len(children) == 2
+    assert {c.data.params["mp_pixel_shuffle_factor"] for c in children} == {"2", "4"}
+    assert all(c.data.metrics["infer_decode_tokens_per_s"] > 0 for c in children)
