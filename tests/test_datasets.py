@@ -190,3 +190,12 @@ def test_a_tokenizer_whose_image_token_id_differs_from_the_config_is_rejected(cf
 ])
 def test_normalize_answer(raw, normalised):
     assert normalize_answer(raw) == normalised
+
+
+def test_a_dataset_survives_pickling_for_spawned_workers(cfgs, tokenizer):
+    import pickle
+    vlm, _ = cfgs
+    dataset = make_dataset(ShapesRows("train", 5), tokenizer, vlm)
+    clone = pickle.loads(pickle.dumps(dataset))
+    assert torch.equal(clone[3]["input_ids"], dataset[3]["input_ids"])
+    assert torch.equal(clone[3]["images"], dataset[3]["images"])

@@ -36,7 +36,17 @@ class ConversationEncoder:
         self.image_token_length = image_token_length
         # Answers end with the template's end-of-turn token, an added (special) token.
         self._closing_ids = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+        self.cache_size = cache_size
         self.encode = lru_cache(maxsize=cache_size)(self._encode)
+
+    def __getstate__(self) -> dict:  # DataLoader workers (spawn) and Ray pickle datasets
+        state = dict(self.__dict__)
+        del state["encode"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.encode = lru_cache(maxsize=self.cache_size)(self._encode)
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False,
