@@ -96,3 +96,24 @@ def test_image_processor_converts_to_rgb_and_uses_mean_and_std():
     expected = torch.tensor([(0.2 - 0.1) / 0.5, (0.2 - 0.2) / 0.25, (0.2 - 0.3) / 0.1])
     torch.testing.assert_close(out[:, 0, 0], expected, rtol=0, atol=1e-6)
     assert out.shape == (3, 8, 8)
+
+
+def _build_in_child(root, queue):
+    queue.put(str(ensure_shapes_tokenizer(512, root=root)))
+
+
+def test_concurrent_builders_both_get_one_complete_directory(tmp_path):
+    import multiprocessing
+    from transformers import AutoTokenizer
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    children = [context.Process(target=_build_in_child, args=(tmp_path, queue)) for _ in range(2)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(timeout=120)
+    assert [child.exitcode for child in children] == [0, 0]
+    results = {queue.get(timeout=5) for _ in children}
+    assert results == {str(tmp_path / "tokenizers" / "shapes-bpe-512")}
+    assert [p.name for p in (tmp_path / "tokenizers").iterdir()] == ["shapes-bpe-512"]
+    assert len(AutoTokenizer.from_pretrained(results.pop())) == 512

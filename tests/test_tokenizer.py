@@ -74,3 +74,21 @@ def test_too_small_vocab_and_unknown_eos_are_rejected_with_the_field_named(tmp_p
         train_bpe_tokenizer(CORPUS, 100, tmp_path)
     with pytest.raises(ValueError, match="eos_token='<eos>'"):
         train_bpe_tokenizer(CORPUS, 300, tmp_path, eos_token="<eos>")
+
+
+def test_a_tokenizer_trained_on_a_local_dataset_serves_get_tokenizer(tmp_path):
+    from datasets import Dataset
+    from PIL import Image
+
+    from nanovlm.config import CHATML_TEMPLATE, TrainConfig
+    from nanovlm.data import get_tokenizer
+    from nanovlm.data.tokenizer_training import train_tokenizer_for_dataset
+
+    rows = [{"images": [Image.new("RGB", (8, 8))], "texts": [{"user": f"What is item {i}?", "assistant": "a widget"}]}
+            for i in range(20)]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "data"))
+    cfg = TrainConfig(train_dataset_path=str(tmp_path / "data"))
+    train_tokenizer_for_dataset(cfg, 300, tmp_path / "tok")
+    tokenizer = get_tokenizer(str(tmp_path / "tok"), {"image_token": "<|image|>"}, CHATML_TEMPLATE)
+    assert tokenizer.image_token_id == 300
+    assert len(tokenizer(" widget", add_special_tokens=False)["input_ids"]) == 1
