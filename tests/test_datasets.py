@@ -199,3 +199,10 @@ def test_a_dataset_survives_pickling_for_spawned_workers(cfgs, tokenizer):
     clone = pickle.loads(pickle.dumps(dataset))
     assert torch.equal(clone[3]["input_ids"], dataset[3]["input_ids"])
     assert torch.equal(clone[3]["images"], dataset[3]["images"])
+
+
+def test_a_dataset_with_no_usable_rows_fails_early_naming_the_path(cfgs, tokenizer, tmp_path):
+    vlm, train = cfgs
+    datasets.Dataset.from_list([{"images": [image()], "texts": []}] * 3).save_to_disk(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="empty.*0 usable.*no_usable_turns"):
+        build_datasets(vlm, train.replace(train_dataset_path=str(tmp_path / "empty"), val_ratio=0.0), tokenizer)

@@ -195,7 +195,7 @@ class VQADataset(torch.utils.data.Dataset):
             index = self.indices[(k + attempt) % len(self.indices)]
             try:
                 return self._item(self.rows[index])
-            except (OSError, ValueError, SyntaxError) as exc:
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                 self.skipped_at_load += 1
                 logger.warning("%s row %d: unreadable image (%s); using the next row.", self.name, index, exc)
         raise RuntimeError(f"{self.name}: no row has a readable image.")
@@ -317,7 +317,11 @@ def build_datasets(vlm_cfg, train_cfg, tokenizer, rank: int = 0, world_size: int
     image_processor = image_processor or get_image_processor(vlm_cfg.vit_img_size)
     train_rows, val_rows, local = load_rows(train_cfg, vlm_cfg.vit_img_size)
     common = dict(tokenizer=tokenizer, image_processor=image_processor, cfg=vlm_cfg, verify_images=local)
-    train = VQADataset(train_rows, name="train", **common).shard(rank, world_size)
+    train = VQADataset(train_rows, name="train", **common)
+    if len(train) < world_size:
+        raise ValueError(f"train_dataset_path={train_cfg.train_dataset_path!r} has {len(train)} usable "
+                         f"training rows for {world_size} worker(s) (skipped: {dict(train.skipped)}).")
+    train.shard(rank, world_size)
     val = None
     if val_rows is not None:
         val = VQADataset(val_rows, name="validation", **common)
