@@ -163,6 +163,13 @@ def test_write_results_produces_table_best_config_and_plots(tmp_path):
         assert written[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_throughput_column_is_the_median_over_reports():
+    record = TrialRecord("t", {}, "completed", history=[{"step": i, "tokens_per_second": v}
+                                                         for i, v in enumerate([10.0, 300.0, 100.0, 120.0])])
+    assert record.median("tokens_per_second") == 110.0
+    assert record.final("tokens_per_second") == 120.0
+
+
 def test_markdown_table_keeps_reasons_on_one_line():
     md = format_markdown([{"trial": "t", "reason": "Invalid VLMConfig:\n  factor 3"}])
     assert md.splitlines()[2] == "| t     | Invalid VLMConfig: factor 3 |"

@@ -29,8 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
                         help="resume an interrupted sweep: its directory, or (no value) the latest sweep "
                              "of this space's name; finished trials are not run again")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, the "
-                        "running local cluster, or a new local one)")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster: 'local' starts a private one for this sweep; default: RAY_ADDRESS, "
+                             "the running local cluster, or a new local one")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,7 +4,8 @@ so that they can be tested and re-run on a sweep directory.
 Each trial is a `TrialRecord`: its sampled fields, its status (`completed`, `early-stopped`,
 `failed`, `invalid`, `stopped`), a reason for the last three, and its history of reported
 metrics in order. Final metrics are the last reported value of each key, so an eval metric
-reported every 100 steps and a throughput reported every 10 both have a final value.
+reported every 100 steps and a loss reported every 10 both have a final value; throughput is
+the median over the reports.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from nanovlm.sweep.space import SweepSpec, trial_configs
 # Statuses whose metrics come from real training, ranked by the metric.
 RANKED_STATUSES = ("completed", "early-stopped", "stopped")
 EXTRA_METRICS = ("val_loss", "val_accuracy", "loss", "tokens_per_second")
+MEDIAN_METRICS = ("tokens_per_second",)  # per-step rates: the table shows the median over reports
 
 
 @dataclass
@@ -41,6 +43,14 @@ class TrialRecord:
             if _is_number(value):
                 return float(value)
         return None
+
+    def median(self, key: str) -> float | None:
+        """Median of the reported values of `key` (throughput: steady state, not the last step's noise)."""
+        values = sorted(float(r[key]) for r in self.history if _is_number(r.get(key)))
+        if not values:
+            return None
+        mid = len(values) // 2
+        return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
     @property
     def last_step(self) -> int | None:
@@ -81,7 +91,7 @@ def table_rows(records: Iterable[TrialRecord], spec: SweepSpec) -> list[dict[str
         for name in spec.varied_fields:
             row[name] = record.config.get(name)
         for name in metrics:
-            row[name] = record.final(name)
+            row[name] = record.median(name) if name in MEDIAN_METRICS else record.final(name)
         row["steps"] = record.last_step
         row["wall_time_s"] = None if record.wall_time_s is None else round(record.wall_time_s, 1)
         row["reason"] = record.reason

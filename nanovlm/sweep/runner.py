@@ -343,7 +343,7 @@ def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
                 trainable,
                 param_space=spec.param_space(),
                 tune_config=tune.TuneConfig(
-                    num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent_trials,
+                    num_samples=spec.num_samples,
                     scheduler=_scheduler(spec), search_alg=_search_alg(spec), time_budget_s=spec.time_budget_s,
                     reuse_actors=False),
                 run_config=tune.RunConfig(
@@ -365,16 +365,45 @@ def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
 
 
 def _init_ray(address: Optional[str]) -> None:
-    """Connect to `address` (or the running cluster), else start a local one with its dashboard:
-    stopped trials' placement groups are freed through the state API in the dashboard process,
-    so with it off ASHA's stopped workers leak and later trials wait forever."""
+    """`address="local"`: a new private cluster on 127.0.0.1 that ends with this process; another
+    address: that cluster; None: the running cluster (RAY_ADDRESS, the latest local one) or a new
+    local one (`ensure_ray`). The dashboard stays on: stopped trials' placement groups are freed
+    through the state API in the dashboard process, so with it off ASHA's stopped workers leak
+    and later trials wait forever."""
     import ray
 
     from nanovlm.distributed.launcher import ensure_ray
 
-    if address and not ray.is_initialized():
+    if ray.is_initialized():
+        return
+    if address == "local":
+        start_local_ray()
+    elif address:
         ray.init(address=address)
-    ensure_ray()
+    else:
+        ensure_ray()
+
+
+def start_local_ray(num_cpus: Optional[int] = None, temp_dir: Optional[str] = None) -> None:
+    """A private Ray cluster on 127.0.0.1 with its dashboard, owned by this process.
+
+    Train's placement-group cleaner finds the state API from its environment, and with no
+    address there it gives up when several Ray clusters run on the machine (CI, a shared box):
+    then the workers of a trial that ASHA stops are never freed. So the dashboard gets a known
+    port, and every Ray process inherits its address (RAY_API_SERVER_ADDRESS) from this one.
+    """
+    import socket
+
+    import ray
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # listeners on loopback (Linux)
+    kwargs: dict[str, Any] = {"_temp_dir": temp_dir} if temp_dir else {}
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, _node_ip_address="127.0.0.1", **kwargs)
 
 
 def _resources_minus_driver(driver_cpus: float) -> dict[str, float]:
@@ -399,7 +428,8 @@ def _scheduler(spec: SweepSpec):
 def _search_alg(spec: SweepSpec):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=spec.seed)
+    # Tune ignores TuneConfig.max_concurrent_trials for a generator passed in: limit it here.
+    return BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.max_concurrent_trials)
 
 
 def _records(grid, state: SweepState, sweep_dir: Path) -> list[TrialRecord]:
