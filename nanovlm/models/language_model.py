@@ -41,21 +41,22 @@ class RotaryEmbedding(nn.Module):
         self.attention_scaling = cfg.lm_attn_scaling
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # position_ids [B, T] -> cos, sin [B, 1, T, head_dim] (float32 math, then the model dtype)
+        """position_ids [B, T] -> cos, signed sin, each [B, 1, T, head_dim] (float32 math, then `dtype`).
+
+        The sign of rotate-half is folded into the sine table, sin_signed = [-sin, sin], so that
+        rotate_half(x) * sin == swap_halves(x) * sin_signed (fewer kernels per decode step)."""
         freqs = position_ids[..., None].float() * self.inv_freq.float()   # [B, T, hd/2]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos = (emb.cos() * self.attention_scaling).to(dtype)
-        sin = (emb.sin() * self.attention_scaling).to(dtype)
-        return cos[:, None], sin[:, None]
+        cos = (freqs.cos() * self.attention_scaling).repeat(1, 1, 2)
+        sin = freqs.sin() * self.attention_scaling
+        sin_signed = torch.cat([-sin, sin], dim=-1)
+        return cos.to(dtype)[:, None], sin_signed.to(dtype)[:, None]
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE: x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1]."""
+    half = x.shape[-1] // 2
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)   # [x2, x1]
+    return torch.addcmul(x * cos, swapped, sin_signed)
 
 
 class KVCache:
@@ -114,10 +115,10 @@ class GroupedQueryAttention(nn.Module):
             qg = q.view(B, self.n_kv_heads, self.n_groups, self.head_dim)
             y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, dropout_p=dropout)
         else:
-            if self.n_groups > 1:
-                k = k.repeat_interleave(self.n_groups, dim=1)
-                v = v.repeat_interleave(self.n_groups, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+            # enable_gqa reads each KV head for its n_groups query heads without copying it
+            # (measured faster than repeat_interleave on CPU and on an H100, masked or causal).
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
+                                               enable_gqa=self.n_groups > 1)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, D) if T > 1 else y.reshape(B, 1, D))
 
 
@@ -180,6 +181,10 @@ class LanguageModel(nn.Module):
             x = self.token_embedding(x)
         B, T, _ = x.shape
         past = kv_cache.length if kv_cache is not None else 0
+        if attention_mask is not None and past == 0 and bool(attention_mask.all()):
+            # No padding: drop the mask so SDPA can take its causal (flash) path. One host sync
+            # per prefill / training forward, never inside the decode loop.
+            attention_mask = None
         if kv_cache is not None and past + T > kv_cache.max_len:
             raise ValueError(f"KV cache holds {kv_cache.max_len} positions; {past} are used and {T} more were given.")
 
