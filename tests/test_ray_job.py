@@ -37,7 +37,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A 2-CPU head node on 127.0.0.1; yields (dashboard address, environment for the job CLI)."""
+    """A 2-CPU head node on 127.0.0.1; yields (dashboard address, environment for the job CLI, pid)."""
     from nanovlm.data import get_tokenizer
 
     get_tokenizer("shapes-bpe-512", {"image_token": "<|image|>"})  # train + cache it once, before the workers
@@ -47,7 +47,8 @@ def cluster():
     env = {**os.environ,
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",   # keeps listeners on 127.0.0.1 on Linux
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # SIGTERM: stop at once, nothing to drain
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
@@ -58,7 +59,7 @@ def cluster():
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         _wait_for_dashboard(address, head, timeout_s=120)
-        yield address, env
+        yield address, env, head.pid
     finally:
         head.send_signal(signal.SIGTERM)  # ray start --block tears down the processes it started
         try:
@@ -93,14 +94,63 @@ def _answers(address):
     return True
 
 
+def _descendants(pid):
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        current = todo.pop()
+        found.add(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def _listening_ips(pids):
+    """Local IPs of the TCP sockets in LISTEN state owned by `pids` (from /proc/net/tcp{,6})."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ips = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # 0A = LISTEN
+                ips.add(cols[1].split(":")[0][:width])
+    return ips
+
+
+LOOPBACK = {"0100007F",                               # 127.0.0.1
+            "0000000000000000FFFF00000100007F",       # ::ffff:127.0.0.1
+            "00000000000000000000000001000000"}       # ::1
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux /proc")
+def test_cluster_listens_on_loopback_only(cluster):
+    head_pid = cluster[2]
+    ips = _listening_ips(_descendants(head_pid))
+    assert ips and ips <= LOOPBACK, ips
+
+
 def test_submitted_job_is_tracked_in_mlflow(cluster, tmp_path):
-    address, env = cluster
+    address, env, _ = cluster
     store = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
     sets = ["max_training_steps=4", "batch_size=4", "shapes_train_size=64", "shapes_eval_size=8",
             "eval_samples=8", "eval_interval=1000", "checkpoint_interval=2", "report_interval=2",
             "log_interval=1", "peak_flops=1e12", "experiment_name=job-test",
             f"output_dir={tmp_path / 'out'}", f"storage_path={tmp_path / 'ray_results'}"]
-    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": store}}
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": store},
+                   "excludes": [".gpu", "runs", "outputs"]}  # large local files that are not the project
     submission = f"nanovlm-test-{secrets.token_hex(4)}"
     command = [RAY, "job", "submit", "--address", address, "--submission-id", submission,
                "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env), "--",
@@ -108,7 +158,7 @@ def test_submitted_job_is_tracked_in_mlflow(cluster, tmp_path):
                *[arg for s in sets for arg in ("--set", s)]]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=360)
     logs = done.stdout + done.stderr
-    assert done.returncode == 0 and "SUCCEEDED" in logs, logs[-5000:]
+    assert done.returncode == 0 and f"Job '{submission}' succeeded" in logs, logs[-5000:]
 
     runs = list(tracking.iter_runs("job-test", store))
     assert len(runs) == 1
