@@ -54,8 +54,16 @@ def run(args: argparse.Namespace) -> int:
 
     if train_cfg.num_workers > 1:
         # ---- Ray Train route (owned by the distributed package) ----
-        from nanovlm.distributed.launcher import run_training
-        result = run_training(vlm_cfg, train_cfg)
+        import sys
+
+        from nanovlm.distributed.launcher import ClusterResourceError, run_training
+        from nanovlm.tracking import TrackingError
+        try:
+            result = run_training(vlm_cfg, train_cfg,
+                                  preset_name=None if (args.config or args.resume) else args.preset)
+        except (TrackingError, ClusterResourceError) as exc:
+            print(f"nanovlm train: {exc}", file=sys.stderr)
+            return 2
         print(json.dumps(result, indent=2, default=str) if not isinstance(result, (int, type(None))) else "")
         return 0
     # ---- single process ----
