@@ -113,3 +113,31 @@ def _header(data: bytes) -> dict:
     header = json.loads(data[8:8 + n])
     header.pop("__metadata__", None)
     return header
+
+
+def test_push_to_hub_uploads_config_weights_and_a_model_card(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    uploaded = {}
+
+    class Repo:
+        repo_id = "someone/tiny-vlm"
+
+    def fake_upload(repo_id, repo_type, folder_path, commit_message):
+        uploaded.update(repo_id=repo_id, repo_type=repo_type,
+                        files={p.name: p.read_bytes() for p in __import__("pathlib").Path(folder_path).iterdir()})
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda **kwargs: Repo())
+    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload)
+    model = _model()
+    assert model.push_to_hub("tiny-vlm") == "someone/tiny-vlm"
+    assert uploaded["repo_type"] == "model"
+    assert set(uploaded["files"]) == {"config.json", "model.safetensors", "README.md"}
+    card = uploaded["files"]["README.md"].decode()
+    assert "someone/tiny-vlm" in card and "from_pretrained" in card
+    assert json.loads(uploaded["files"]["config.json"]) == model.cfg.to_dict()
+
+
+def test_a_missing_local_path_is_not_sent_to_the_hub(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a directory"):
+        VisionLanguageModel.from_pretrained(str(tmp_path / "runs" / "step_000100"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -31,6 +32,8 @@ WEIGHTS_NAME = "model.safetensors"
 # With tied embeddings, nanoVLM's checkpoints may keep only one of these two keys.
 TIED_ALIASES = {"decoder.head.weight": "decoder.token_embedding.weight",
                 "decoder.token_embedding.weight": "decoder.head.weight"}
+
+HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 Images = torch.Tensor | Sequence[torch.Tensor] | None
 
@@ -144,9 +147,9 @@ class VisionLanguageModel(nn.Module):
         Directories holding an Idefics3/SmolVLM checkpoint are imported (see `from_idefics3`)."""
         path = Path(repo_id_or_path)
         if not path.is_dir():
-            if path.exists() or str(repo_id_or_path).startswith((".", "/", "~")):
-                raise FileNotFoundError(f"Checkpoint {repo_id_or_path} is not a directory with {CONFIG_NAME} "
-                                        f"and {WEIGHTS_NAME}.")
+            if path.exists() or not HUB_REPO_ID.match(str(repo_id_or_path)):
+                raise FileNotFoundError(f"Checkpoint {repo_id_or_path} is neither a directory with {CONFIG_NAME} "
+                                        f"and {WEIGHTS_NAME} nor a Hub repo id (owner/name).")
             from huggingface_hub import snapshot_download
             path = Path(snapshot_download(str(repo_id_or_path), revision=revision,
                                           allow_patterns=["*.json", "*.safetensors", "*.md"]))
