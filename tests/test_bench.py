@@ -153,3 +153,16 @@ def test_ray_tune_grid_measures_and_logs_each_point_to_mlflow(tmp_path):
     assert len(children) == 2
     assert {c.data.params["mp_pixel_shuffle_factor"] for c in children} == {"2", "4"}
     assert all(c.data.metrics["infer_decode_tokens_per_s"] > 0 for c in children)
+
+
+def test_gpu_check_rehearses_on_cpu_and_reports_every_measurement(tmp_path, capsys):
+    from nanovlm.bench import gpu_check
+
+    out = tmp_path / "gpu.json"
+    code = gpu_check.main(["--preset", "tiny", "--device", "cpu", "--quick", "--skip-compile", "--json", str(out)])
+    report = __import__("json").loads(out.read_text())
+    assert code == 0 and report["errors"] == {}
+    assert set(report["results"]) == {"matmul_peak", "train_float32_eager", "decode_bs1", "decode_bs32",
+                                      "versus_reference"}
+    assert report["results"]["train_float32_eager"]["mfu"] > 0
+    assert "| decode_bs1 | decode_tokens_per_s |" in capsys.readouterr().out
