@@ -61,6 +61,13 @@ def sqlite_path(uri: str) -> Optional[Path]:
     return Path(rest) if rest.startswith("/") else Path(rest).resolve()
 
 
+def absolute_uri(uri: str) -> str:
+    """A relative `sqlite:///x.db` made absolute, so that processes with another working
+    directory (Ray workers) open the same file; other URIs unchanged."""
+    db = sqlite_path(uri)
+    return f"sqlite:///{db}" if db is not None else uri
+
+
 def artifact_root(uri: str) -> Optional[str]:
     """Artifact location for new experiments: next to a SQLite db (so it is as stable as the db);
     None for servers, which choose their own (`--artifacts-destination`)."""

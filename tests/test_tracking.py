@@ -50,6 +50,8 @@ def test_relative_sqlite_uri_resolves_against_working_dir(monkeypatch, tmp_path)
     monkeypatch.chdir(tmp_path)
     assert tracking.sqlite_path("sqlite:///sub/x.db") == tmp_path.resolve() / "sub" / "x.db"
     assert tracking.sqlite_path("sqlite:////abs/x.db") == Path("/abs/x.db")
+    assert tracking.absolute_uri("sqlite:///sub/x.db") == f"sqlite:///{tmp_path.resolve()}/sub/x.db"
+    assert tracking.absolute_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 
 def test_unreachable_server_fails_fast_with_the_uri_in_the_message():

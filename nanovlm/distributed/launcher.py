@@ -207,7 +207,7 @@ def run_training(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Opt
     vlm_cfg, train_cfg = prepare_configs(vlm_cfg, train_cfg)
     storage = resolve_storage_path(train_cfg.storage_path)
     name = run_name or default_run_name(preset_name)
-    uri = (tracking_uri or tracking.default_tracking_uri()) if track else None
+    uri = tracking.absolute_uri(tracking_uri or tracking.default_tracking_uri()) if track else None
     if uri is not None:
         tracking.check_tracking_store(uri)
 
