@@ -97,7 +97,8 @@ def print_outcome(outcome) -> None:
     print(f"MLflow:           parent run {outcome.parent_run_id} in {outcome.tracking_uri}")
     print("Dashboard:        nanovlm dashboard   (then open http://127.0.0.1:5000)")
     if outcome.interrupted:
-        print(f"Interrupted. Resume with: nanovlm sweep --resume {outcome.sweep_dir}")
+        print(f"Some trials did not finish (interrupt or time budget). Resume with: "
+              f"nanovlm sweep --resume {outcome.sweep_dir}")
 
 
 def _final_metrics(record) -> dict[str, float]:

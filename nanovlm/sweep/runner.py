@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from ray.tune import Callback
+
 from nanovlm import tracking
 from nanovlm.config import ConfigError, apply_overrides, configs_to_dict
 from nanovlm.distributed.launcher import check_cluster_resources
@@ -47,7 +49,7 @@ class SweepOutcome:
     records: list[TrialRecord]
     files: dict[str, Path]
     best: Optional[TrialRecord]
-    interrupted: bool = False
+    interrupted: bool = False      # some trials did not finish (Ctrl-C, time budget): --resume continues them
 
 
 # ============================================================================ sweep state file
@@ -137,12 +139,7 @@ def _find_child_run(uri: str, parent_run_id: str, trial_id: str) -> Optional[str
 
 # ============================================================================ MLflow + status bookkeeping
 
-def _tune_callback_base():
-    from ray.tune import Callback
-    return Callback
-
-
-class SweepTracker(_tune_callback_base()):
+class SweepTracker(Callback):
     """Tune callback on the controller: a child MLflow run per trial (all config fields as params,
     tagged with the parent), and each trial's final status as tags and in the state file:
 
@@ -351,13 +348,16 @@ def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
                     failure_config=tune.FailureConfig(max_failures=0), verbose=1),
             )
         grid = tuner.fit()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C
         interrupted = True
-        logger.warning("Sweep interrupted; resume it with: nanovlm sweep --resume %s", sweep_dir)
         grid = None
 
     state = SweepState.load(sweep_dir)  # the tracker wrote it (possibly a restored copy)
     records = _records(grid, state, sweep_dir)
+    # Ctrl-C (Tune catches the first one and returns) or the time budget: trials left unfinished.
+    interrupted = interrupted or any(r.status == "stopped" for r in records)
+    if interrupted:
+        logger.warning("Not every trial finished; resume with: nanovlm sweep --resume %s", sweep_dir)
     files = write_results(records, spec, sweep_dir / "results")
     best = best_trial(records, spec.metric, spec.mode)
     _finish_parent(parent, spec, records, best, files, interrupted)
