@@ -154,3 +154,26 @@ def test_nan_loss_stops_naming_step_and_batch_and_keeps_the_last_good_checkpoint
     good = VisionLanguageModel.from_pretrained(tmp_path / "checkpoints" / "step_000002")
     assert all(torch.isfinite(p).all() for p in good.parameters())
     assert not (tmp_path / "summary.json").exists()
+
+
+# ---------------------------------------------------------------------------- metrics
+
+def test_step_metrics_are_rates_over_the_step_time():
+    from nanovlm.training.metrics import step_metrics
+    m = step_metrics(loss=2.0, lrs={"lr_mp": 1e-3}, grad_norm=0.5, step_time=2.0, data_wait=0.1,
+                     local_tokens=1000, local_samples=10, local_images=20, local_flops=4e9, peak_flops=1e10,
+                     device=torch.device("cpu"))
+    assert m["tokens_per_second"] == m["tokens_per_second_per_worker"] == 500.0
+    assert m["samples_per_second"] == 5.0 and m["images_per_second"] == 10.0
+    assert m["mfu"] == pytest.approx(4e9 / (2.0 * 1e10))
+    assert m["peak_memory_mb"] > 0
+
+
+def test_measuring_the_peak_does_not_move_the_global_rng():
+    from nanovlm.training import metrics
+    metrics._PEAK_CACHE.clear()
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    assert metrics.measured_peak_flops(torch.device("cpu"), torch.float32) > 0
+    assert torch.equal(torch.rand(3), expected)
