@@ -123,3 +123,22 @@ def test_scheduler_state_round_trips():
     assert current_lrs(opt2) == current_lrs(opt)
     opt.step(); sched.step(); opt2.step(); sched2.step()
     assert current_lrs(opt2) == current_lrs(opt)
+
+
+def test_resuming_with_more_steps_follows_the_new_schedule():
+    from nanovlm.training.optim import load_optimizer_state
+    short = cfg(max_training_steps=10)
+    opt = build_optimizer(ThreePartModel(), short)
+    sched = build_scheduler(opt, short)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    longer = cfg(max_training_steps=40)
+    opt2 = build_optimizer(ThreePartModel(), longer)
+    sched2 = build_scheduler(opt2, longer)
+    load_optimizer_state(opt2, sched2, opt.state_dict(), sched.state_dict(), longer)
+    assert sched2.last_epoch == 5
+    assert current_lrs(opt2)["lr_mp"] == pytest.approx(1e-2 * reference_schedule(5, 40, 4, 0.1))
+    opt2.step()
+    sched2.step()
+    assert current_lrs(opt2)["lr_mp"] == pytest.approx(1e-2 * reference_schedule(6, 40, 4, 0.1))

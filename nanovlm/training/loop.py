@@ -34,7 +34,8 @@ from nanovlm.training import checkpointing
 from nanovlm.training.evaluation import evaluate
 from nanovlm.training.hooks import TrainHooks
 from nanovlm.training.metrics import measured_peak_flops, step_metrics, vlm_flops
-from nanovlm.training.optim import build_optimizer, build_scheduler, current_lrs, trainable_parameters
+from nanovlm.training.optim import (build_optimizer, build_scheduler, current_lrs, load_optimizer_state,
+                                    trainable_parameters)
 from nanovlm.training.sampling import ResumableBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -172,8 +173,7 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None =
     start_step, batches_consumed = 0, 0
     if resume_dir is not None:
         state = checkpointing.load_train_state(resume_dir)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        load_optimizer_state(optimizer, scheduler, state["optimizer"], state["scheduler"], train_cfg)
         start_step = int(state["step"])
         batches_consumed = int(state["data_position"]["batches_consumed"])
         checkpointing.restore_rng_state(state["rng"])

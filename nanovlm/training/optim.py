@@ -120,3 +120,24 @@ def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                         optimizer_state: dict, scheduler_state: dict, train_cfg: TrainConfig) -> None:
+    """Restore a checkpoint's optimizer moments and step count, then re-apply the *current*
+    config's rates, weight decay, betas and schedule. With an unchanged config this is exactly
+    the saved state; a resumed run given e.g. a larger max_training_steps follows the new schedule
+    (the saved state would otherwise bring back the old one)."""
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    schedule = WarmupCosine(train_cfg.max_training_steps, warmup_steps(train_cfg), train_cfg.min_lr_ratio)
+    scheduler.lr_lambdas = [schedule] * len(optimizer.param_groups)
+    scheduler.base_lrs = []
+    for group in optimizer.param_groups:
+        base = getattr(train_cfg, group["lr_field"])
+        scheduler.base_lrs.append(base)
+        group["initial_lr"] = base
+        group["lr"] = base * schedule(scheduler.last_epoch)
+        group["betas"] = (train_cfg.adam_beta1, train_cfg.adam_beta2)
+        if group["weight_decay"] > 0:
+            group["weight_decay"] = train_cfg.weight_decay
