@@ -173,10 +173,16 @@ class LanguageModel(nn.Module):
                        dtype or weight.dtype, device or weight.device)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x: ids [B, T] or embeddings [B, T, D]. attention_mask [B, T] (1 = real token, padding on
         the left); with a cache it may also cover the cached positions ([B, length + T]).
-        position_ids default to counting real tokens (cumsum of the mask) or continuing the cache."""
+        position_ids default to counting real tokens (cumsum of the mask) or continuing the cache.
+
+        Decoding: with `rope` = this step's (cos, sin) slices of `decode_rope`, x is one token id
+        per row [B] and the result is [B, D] (see `decode_step`)."""
+        if rope is not None:
+            return self.decode_step(x, kv_cache, *rope)
         if not torch.is_floating_point(x):
             x = self.token_embedding(x)
         B, T, _ = x.shape
@@ -200,6 +206,50 @@ class LanguageModel(nn.Module):
             kv_cache.length += T
             kv_cache.next_position = position_ids[:, -1] + 1
         return self.norm(x)
+
+    # ------------------------------------------------------------------ decoding
+    def decode_rope(self, kv_cache: KVCache, n_steps: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables for the next `n_steps` single-token steps of every row, computed once per
+        generation: cos, signed sin [B, n_steps, 1, head_dim] (same math as `rotary_embd`)."""
+        positions = kv_cache.next_position[:, None] + torch.arange(n_steps, device=kv_cache.next_position.device)
+        cos, sin = self.rotary_embd(positions, dtype)                      # [B, 1, n, hd]
+        return cos.transpose(1, 2), sin.transpose(1, 2)                    # [B, n, 1, hd]
+
+    def decode_step(self, token: torch.Tensor, kv_cache: KVCache, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """One generated token per row through every block: token [B] -> final hidden [B, D].
+
+        The same computation as `forward(token[:, None], kv_cache=...)` (equal outputs), written
+        for the decode loop's per-token cost on CPU and small GPUs: 2-D activations, weights used
+        directly instead of module calls, the residual adds fused into `addmm`, no mask or
+        position bookkeeping. cos, sin: this step's slice of `decode_rope`, [B, 1, head_dim]."""
+        B = token.shape[0]
+        p = kv_cache.length
+        if p + 1 > kv_cache.max_len:
+            raise ValueError(f"KV cache holds {kv_cache.max_len} positions; all are used.")
+        cfg = self.cfg
+        D, H, Hkv = cfg.lm_hidden_dim, cfg.lm_n_heads, cfg.lm_n_kv_heads
+        hd, eps = D // H, cfg.lm_rms_eps
+        half = hd // 2
+        # Padded prompts: each row attends to its real tokens (and every generated one).
+        mask = None if kv_cache.key_mask is None else kv_cache.key_mask[:, None, None, :p + 1]
+        x = F.embedding(token, self.token_embedding.weight)               # [B, D]
+        for i, block in enumerate(self.blocks):
+            attn, mlp = block.attn, block.mlp
+            h = F.rms_norm(x, (D,), block.norm1.weight, eps)
+            q = F.linear(h, attn.q_proj.weight).view(B, H, hd)
+            k = F.linear(h, attn.k_proj.weight).view(B, Hkv, hd)
+            q = torch.addcmul(q * cos, torch.cat([q[..., half:], q[..., :half]], dim=-1), sin)
+            kv_cache.k[i, :, :, p] = torch.addcmul(k * cos, torch.cat([k[..., half:], k[..., :half]], dim=-1), sin)
+            kv_cache.v[i, :, :, p] = F.linear(h, attn.v_proj.weight).view(B, Hkv, hd)
+            # Query heads of a KV group share its keys: [B, Hkv, n_groups, hd] against [B, Hkv, L, hd].
+            y = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, hd), kv_cache.k[i, :, :, :p + 1],
+                                               kv_cache.v[i, :, :, :p + 1], attn_mask=mask)
+            x = torch.addmm(x, y.reshape(B, D), attn.out_proj.weight.t())
+            h = F.rms_norm(x, (D,), block.norm2.weight, eps)
+            gated = F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight)
+            x = torch.addmm(x, gated, mlp.down_proj.weight.t())
+        kv_cache.length = p + 1
+        return F.rms_norm(x, (D,), self.norm.weight, eps)
 
     @staticmethod
     def _key_mask(attention_mask, B, T, past, kv_cache) -> torch.Tensor | None:

@@ -120,6 +120,7 @@ class VisionLanguageModel(nn.Module):
         hidden = self.decoder(self.embed(input_ids, images), attention_mask=attention_mask, kv_cache=cache)
         logits = self.decoder.head(hidden[:, -1])                                # [B, V]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        cos, sin = self.decoder.decode_rope(cache, max_new_tokens, hidden.dtype)  # [B, n, 1, hd]
         for step in range(max_new_tokens):
             token = sample_next_token(logits, greedy, temperature, top_k, top_p)  # [B]
             if eos_token_id is not None:
@@ -130,8 +131,8 @@ class VisionLanguageModel(nn.Module):
                 break
             if eos_token_id is not None and (step + 1) % eos_check_interval == 0 and bool(finished.all()):
                 break
-            hidden = self.decoder(token[:, None], kv_cache=cache)
-            logits = self.decoder.head(hidden[:, -1])
+            hidden = self.decoder(token, kv_cache=cache, rope=(cos[:, step], sin[:, step]))   # [B, D]
+            logits = self.decoder.head(hidden)
         return out
 
     # ------------------------------------------------------------------ checkpoints
