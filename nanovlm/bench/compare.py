@@ -1,6 +1,6 @@
 """Ours vs transformers' Idefics3, same weights, same process, same run.
 
-    python -m nanovlm.bench.compare [--json PATH] [--configs tiny,mid] [--repeats 7] [--threads 2]
+    python -m nanovlm.bench.compare [--json PATH] [--configs tiny,mid] [--repeats 7] [--threads N]
 
 For each config: build our model (random weights, perturbed so norms and biases are not
 trivial), export the weights into the reference, check the outputs agree (logits max abs
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -109,6 +110,12 @@ def compare_config(name: str, cfg: VLMConfig, s: CompareSettings) -> dict:
             "train_mfu_ours": train["ours"]["mfu"].median, "matmul_peak_flops": peak}
 
 
+def free_cores() -> int:
+    """Cores not busy with other processes, by the 1-minute load average (at least 1)."""
+    cores = os.cpu_count() or 1
+    return max(1, min(cores, cores - round(os.getloadavg()[0])))
+
+
 def markdown(results: dict) -> str:
     lines = ["| config | params | measure | ours | reference | ratio | target | ok |",
              "|---|---|---|---|---|---|---|---|"]
@@ -126,11 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default="tiny,mid", help=f"comma separated, from {sorted(CONFIGS)}")
     parser.add_argument("--repeats", type=int, default=CompareSettings.repeats)
     parser.add_argument("--warmup", type=int, default=CompareSettings.warmup)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: the cores the 1-minute load average leaves free, at "
+                             "least 1: on a shared machine, OpenMP threads that wait for a busy core turn "
+                             "every small op into a scheduler delay)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or free_cores())
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
@@ -138,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = CompareSettings(warmup=args.warmup, repeats=args.repeats)
     results = {
         "machine": {"host": platform.node(), "processor": platform.processor() or platform.machine(),
+                    "cores": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
                     "torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu",
                     "dtype": "float32"},
         "date": time.strftime("%Y-%m-%d %H:%M"),
