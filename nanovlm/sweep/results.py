@@ -168,7 +168,8 @@ def plot_metric_vs_fields(records: list[TrialRecord], spec: SweepSpec, path: str
         ax.set_xlabel(name)
         ax.set_ylabel(spec.metric)
         ax.grid(alpha=0.3)
-    axes[0][0].set_title(f"{spec.name}: blue completed, orange stopped early", fontsize=9, loc="left")
+    fig.suptitle(f"{spec.name}: final {spec.metric} per trial (blue: completed, orange: stopped early)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -184,7 +185,7 @@ def plot_learning_curves(records: list[TrialRecord], metric: str, path: str | Pa
                       if _is_number(h.get("step")) and _is_number(h.get(key))]
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="." if len(points) < 30 else None, label=record.trial_id)
+                ax.plot(xs, ys, marker="." if len(points) < 30 else None, label=_label(record))
     for ax, key in zip(axes, (metric, "loss")):
         ax.set_xlabel("step")
         ax.set_ylabel(key)
@@ -194,6 +195,11 @@ def plot_learning_curves(records: list[TrialRecord], metric: str, path: str | Pa
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _label(record: TrialRecord) -> str:
+    values = " ".join(f"{k}={_fmt(v)}" for k, v in record.config.items())
+    return f"{record.trial_id} {values}".strip()
 
 
 def _pyplot():

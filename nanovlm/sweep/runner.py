@@ -6,10 +6,10 @@
     ─ ASHA (or FIFO) decides from the reports         return; else TorchTrainer.fit()   step into the
                                                       with TuneReportCallback           child run
 
-Files in the sweep directory `<storage>/<name>-<timestamp>/` (Tune's experiment dir):
-`nanovlm_sweep.json` (the space, the parent run, each trial's run id and status: what
-`--resume` needs), `trials/<trial_id>/` (each trial's output_dir), `train/` (Ray Train
-storage), `results/` (table, best config, plots).
+Files in the sweep directory `<storage>/<name>-<timestamp>/`: `nanovlm_sweep.json` (the
+space, the parent run, each trial's run id and status: what `--resume` needs), `tune/`
+(Tune's experiment directory), `trials/<trial_id>/` (each trial's output_dir), `train/` (Ray
+Train storage), `results/` (table, best config, plots).
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ from nanovlm.sweep.space import SweepSpec, parse_space, trial_configs
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "nanovlm_sweep.json"
+# Tune's experiment directory inside the sweep directory. Kept apart from our own files: Tune
+# stages its directory elsewhere and copies it back over the original, so a file of ours in
+# it would be replaced by the stale copy Tune took when a sweep is resumed.
+TUNE_DIRNAME = "tune"
 TRIAL_TAG = "nanovlm.trial_id"
 STATUS_TAG = "nanovlm.status"
 REASON_TAG = "nanovlm.status_reason"
@@ -250,9 +254,8 @@ class SweepTracker(Callback):
         if not entry.get("run_id"):
             return
         run = tracking.TrackingRun(entry["run_id"], self.uri)
-        tags = {STATUS_TAG: entry["status"]}
-        if entry.get("reason"):
-            tags[REASON_TAG] = entry["reason"][:5000]  # MLflow's tag value limit is 8000
+        # the reason is always set, so that a resumed trial loses its earlier "stopped" reason
+        tags = {STATUS_TAG: entry["status"], REASON_TAG: (entry.get("reason") or "")[:5000]}
         run.set_tags(tags)
         run.end(mlflow_status)
 
@@ -331,9 +334,9 @@ def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
     tracker = SweepTracker(spec, state, uri, experiment_name)
     interrupted = False
     try:
-        if resume_dir is not None and tune.Tuner.can_restore(str(sweep_dir)):
+        if resume_dir is not None and tune.Tuner.can_restore(str(sweep_dir / TUNE_DIRNAME)):
             logger.info("Resuming sweep %s (finished trials are kept, unfinished ones continue)", sweep_dir)
-            tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
+            tuner = tune.Tuner.restore(str(sweep_dir / TUNE_DIRNAME), trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
         else:
             tuner = tune.Tuner(
@@ -344,7 +347,7 @@ def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
                     scheduler=_scheduler(spec), search_alg=_search_alg(spec), time_budget_s=spec.time_budget_s,
                     reuse_actors=False),
                 run_config=tune.RunConfig(
-                    name=sweep_dir.name, storage_path=str(sweep_dir.parent), callbacks=[tracker],
+                    name=TUNE_DIRNAME, storage_path=str(sweep_dir), callbacks=[tracker],
                     failure_config=tune.FailureConfig(max_failures=0), verbose=1),
             )
         grid = tuner.fit()
