@@ -33,4 +33,5 @@ start=$(date +%s)
 status=0
 .venv/bin/nanovlm sweep tune/demo.yaml --address local "$@" || status=$?
 echo "== demo finished in $(( $(date +%s) - start )) s"
+echo "== dashboard: .venv/bin/nanovlm dashboard   (MLflow UI on http://127.0.0.1:5000; Ctrl-C stops it)"
 exit $status

@@ -39,14 +39,18 @@ def _write_space(path: Path, data: dict) -> Path:
     return path
 
 
-def test_unknown_field_fails_before_any_trial(tmp_path, capsys):
-    import ray
+def test_unknown_field_fails_before_any_trial(tmp_path, capsys, monkeypatch):
+    import nanovlm.sweep.runner
 
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the sweep started despite an unknown field")
+
+    monkeypatch.setattr(nanovlm.sweep.runner, "run_sweep", must_not_run)
     bad = dict(SPACE, space={"mp_pixel_shufle_factor": {"grid": [2, 4]}})
     code = main(["sweep", str(_write_space(tmp_path / "bad.yaml", bad)), "--storage-path", str(tmp_path / "s")])
     assert code == 2
     assert "did you mean 'mp_pixel_shuffle_factor'" in capsys.readouterr().err
-    assert not (tmp_path / "s").exists() and not ray.is_initialized()
+    assert not (tmp_path / "s").exists()
 
 
 # ----------------------------------------------------------------------------- one real sweep
