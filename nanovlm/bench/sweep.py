@@ -222,7 +222,8 @@ def measure_point(config: dict[str, dict], measure: dict[str, Any]) -> dict[str,
     result = benchmark(vlm, device=device, dtype=dtype, compile=train.compile, infer=infer, train=train_spec,
                        warmup=measure["warmup"], repeats=measure["repeats"], peak_flops=train.peak_flops,
                        find_largest_batch=bool(measure.get("largest_batch")), seed=train.seed)
-    seq_len = (measure["training"] or measure["inference"] or {}).get("text_tokens", 32) + vlm.mp_image_token_length
+    text = (measure["training"] or {}).get("text_tokens") or (measure["inference"] or {}).get("prompt_tokens", 32)
+    seq_len = text + vlm.mp_image_token_length
     sizes = model_sizes(vlm, seq_len=seq_len)
     static = {f"params_{k}": float(v) for k, v in sizes.params.items()}
     static.update(image_tokens_per_image=float(sizes.image_tokens_per_image),
@@ -237,8 +238,14 @@ def _tune_trainable(trial_config: dict[str, Any]) -> None:
 
     point = trial_config["point"]
     start = time.time()
-    metrics = measure_point(point["config"], point["measure"])
-    tune.report({**metrics, "measure_wall_s": time.time() - start, "key": point["key"]})
+    metrics = {**measure_point(point["config"], point["measure"]), "measure_wall_s": time.time() - start}
+    # Written here as well as by the driver, so an interrupted grid keeps its finished points
+    # (best effort: on a multi-node cluster this node may not see the driver's directory).
+    try:
+        _write_cache(Path(point["out"]), point["key"], point["labels"], point["config"], point["measure"], metrics)
+    except OSError:
+        pass
+    tune.report({**metrics, "key": point["key"]})
 
 
 # ==================================================================== the run
@@ -261,6 +268,16 @@ def _cache_path(out: Path, key: str) -> Path:
     return out / "cache" / f"{key}.json"
 
 
+def _write_cache(out: Path, key: str, labels: dict, config: dict, measure: dict, metrics: dict) -> None:
+    entry = {"labels": labels, "config": config, "measure": measure, "metrics": metrics,
+             "host": platform.node(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    path = _cache_path(out, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(entry, indent=1, default=str))
+    tmp.replace(path)   # atomic: a half-written file never counts as cached
+
+
 def _measure_with_ray(grid: BenchGrid, todo: list[Point], out: Path) -> dict[str, dict[str, float]]:
     import ray
     from ray import tune
@@ -274,12 +291,14 @@ def _measure_with_ray(grid: BenchGrid, todo: list[Point], out: Path) -> dict[str
         started = True
     try:
         resources = {"cpu": grid.resources["cpu"], "gpu": grid.resources.get("gpu", 0)}
-        space = [{"config": p.config, "measure": grid.measure, "key": p.key} for p in todo]
+        space = [{"config": p.config, "measure": grid.measure, "key": p.key, "labels": p.labels,
+                  "out": str(out.resolve())} for p in todo]
         tuner = tune.Tuner(
             tune.with_resources(_tune_trainable, resources),
             param_space={"point": tune.grid_search(space)},
             # One trial at a time: concurrent trials would contend for cores and skew timings.
-            tune_config=tune.TuneConfig(max_concurrent_trials=1),
+            tune_config=tune.TuneConfig(max_concurrent_trials=1,
+                                        trial_dirname_creator=lambda trial: f"point_{trial.trial_id}"),
             run_config=tune.RunConfig(name=f"{grid.name}-{int(time.time())}",
                                       storage_path=str((out / "ray_results").resolve()), verbose=0),
         )
@@ -348,9 +367,7 @@ def run_grid(grid: BenchGrid, output_dir: str | Path | None = None, executor: st
 
     for p in unique_todo:
         if p.key in measured:
-            entry = {"labels": p.labels, "config": p.config, "measure": grid.measure, "metrics": measured[p.key],
-                     "host": platform.node(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-            _cache_path(out, p.key).write_text(json.dumps(entry, indent=1, default=str))
+            _write_cache(out, p.key, p.labels, p.config, grid.measure, measured[p.key])
 
     rows = []
     for p in points:
