@@ -74,7 +74,6 @@ class RayTrainHooks(TrainHooks):
         self._mlflow: Optional[tracking.TrackingRun] = None
         self._owns_mlflow_run = False
         self._pending: dict[str, float] = {}  # this step's metrics, waiting for the report
-        self._last_checkpoint: Optional[Path] = None
         self._download_dir: Optional[tempfile.TemporaryDirectory] = None
         self._ray_checkpoint = ray.train.get_checkpoint()
         if self.rank == 0 and tracking_spec is not None:
@@ -135,7 +134,6 @@ class RayTrainHooks(TrainHooks):
 
         checkpoint = None
         if checkpoint_dir is not None:  # rank 0
-            self._last_checkpoint = Path(checkpoint_dir)
             checkpoint = Checkpoint.from_directory(str(checkpoint_dir))
             if self._mlflow is not None:
                 checkpoint.set_metadata({MLFLOW_RUN_ID_KEY: self._mlflow.run_id, "step": step})
