@@ -117,8 +117,8 @@ def check_tracking_store(uri: Optional[str] = None, timeout_s: float = 10.0) -> 
 
 
 def _mlflow_version() -> str:
-    import mlflow
-    return mlflow.__version__
+    from importlib.metadata import version  # without importing mlflow (seconds)
+    return version("mlflow")
 
 
 def _client(uri: str):
