@@ -25,7 +25,8 @@ import torch
 
 from nanovlm.bench.flops import param_counts
 from nanovlm.bench.harness import (
-    InferenceSpec, NanoVLMRunner, TrainSpec, matmul_peak_flops, measure_inference, measure_training, synthetic_batch,
+    InferenceSpec, NanoVLMRunner, Stat, TrainSpec, matmul_peak_flops, measure_inference, measure_training,
+    synthetic_batch,
 )
 from nanovlm.bench.reference import ReferenceRunner, build_reference
 from nanovlm.config import VLMConfig, preset
@@ -104,7 +105,11 @@ def compare_config(name: str, cfg: VLMConfig, s: CompareSettings) -> dict:
     measures = {}
     for key, (res, metric) in picks.items():
         o, r = res["ours"][metric], res["reference"][metric]
-        measures[key] = {"ours": o.median, "reference": r.median, "ratio": o.median / r.median,
+        # Paired: each round's ours/reference ratio (measured seconds apart), then their median;
+        # steadier than the ratio of medians when the machine's load changes during the run.
+        paired = Stat.of([a / b for a, b in zip(o.samples, r.samples)])
+        measures[key] = {"ours": o.median, "reference": r.median, "ratio": paired.median,
+                         "ratio_p25": paired.p25, "ratio_p75": paired.p75, "ratio_of_medians": o.median / r.median,
                          "target": TARGETS[key], "ours_rel_iqr": o.rel_iqr, "reference_rel_iqr": r.rel_iqr}
     return {"params": param_counts(cfg)["total"], "check": check, "measures": measures,
             "train_mfu_ours": train["ours"]["mfu"].median, "matmul_peak_flops": peak}
@@ -117,13 +122,13 @@ def free_cores() -> int:
 
 
 def markdown(results: dict) -> str:
-    lines = ["| config | params | measure | ours | reference | ratio | target | ok |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | params | measure | ours | reference | ratio (paired median) | ratio IQR | target | ok |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["configs"].items():
         for key, m in r["measures"].items():
             ok = "yes" if m["ratio"] >= m["target"] else "NO"
             lines.append(f"| {name} | {r['params'] / 1e6:.1f}M | {key} | {m['ours']:.1f} | {m['reference']:.1f} "
-                         f"| {m['ratio']:.2f} | >= {m['target']} | {ok} |")
+                         f"| {m['ratio']:.2f} | {m['ratio_p25']:.2f}-{m['ratio_p75']:.2f} | >= {m['target']} | {ok} |")
     return "\n".join(lines)
 
 

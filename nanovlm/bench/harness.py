@@ -176,6 +176,7 @@ class Stat:
     min: float
     max: float
     n: int
+    samples: list[float] = field(default_factory=list, repr=False, compare=False)  # in repetition order
 
     @classmethod
     def of(cls, samples: list[float]) -> "Stat":
@@ -183,12 +184,12 @@ class Stat:
         s = sorted(x for x in samples if math.isfinite(x))
         if not s:
             nan = math.nan
-            return cls(nan, nan, nan, nan, nan, 0)
+            return cls(nan, nan, nan, nan, nan, 0, list(samples))
         if len(s) >= 2:
             q1, _, q3 = statistics.quantiles(s, n=4, method="inclusive")
         else:
             q1 = q3 = s[0]
-        return cls(statistics.median(s), q1, q3, s[0], s[-1], len(s))
+        return cls(statistics.median(s), q1, q3, s[0], s[-1], len(s), list(samples))
 
     @property
     def rel_iqr(self) -> float:
