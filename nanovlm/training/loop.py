@@ -174,13 +174,13 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None =
     logger.info("Model: %.2fM parameters (%.2fM trainable) on %s, autocast %s.", n_params / 1e6,
                 sum(p.numel() for p in params) / 1e6, device, amp_dtype or "off (fp32)")
 
-    start_step, batches_consumed = 0, 0
+    start_step, batches_consumed, rng_state = 0, 0, None
     if resume_dir is not None:
         state = checkpointing.load_train_state(resume_dir)
         load_optimizer_state(optimizer, scheduler, state["optimizer"], state["scheduler"], train_cfg)
         start_step = int(state["step"])
         batches_consumed = int(state["data_position"]["batches_consumed"])
-        checkpointing.restore_rng_state(state["rng"])
+        rng_state = state["rng"]  # restored last, right before the first step
         logger.info("Resumed from %s at step %d (%d batches consumed).", resume_dir, start_step, batches_consumed)
 
     train_model = hooks.wrap_model(model)
@@ -206,6 +206,8 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None =
     peak = train_cfg.peak_flops or measured_peak_flops(device, amp_dtype or torch.float32)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if rng_state is not None:
+        checkpointing.restore_rng_state(rng_state)
 
     def run_eval(at_step: int) -> dict[str, float]:
         if val_ds is None:
