@@ -21,6 +21,7 @@ SPACE = {
         "max_training_steps": 4, "eval_interval": 2, "eval_samples": 8, "batch_size": 4,
         "report_interval": 1, "log_interval": 1, "checkpoint_interval": 4, "max_new_tokens_eval": 4,
         "shapes_train_size": 64, "shapes_eval_size": 16, "vit_n_blocks": 1, "lm_n_blocks": 1,
+        "vit_img_size": 64, "vit_patch_size": 8,  # pinned: the 8x8 patch grid the space relies on
     },
     # 8x8 patch grid: 2 and 4 divide it, 3 does not -> one invalid trial
     "space": {"mp_pixel_shuffle_factor": {"grid": [2, 3, 4]}},

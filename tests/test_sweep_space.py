@@ -15,9 +15,16 @@ from nanovlm.sweep.space import load_space, parse_space, trial_configs
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The tests below rely on an 8x8 patch grid (64 px images, 8 px patches), pinned here so that
+# they do not depend on the `tiny` preset's image size.
+GRID_8X8 = {"vit_img_size": 64, "vit_patch_size": 8}
+
+
 def _space(**extra):
-    data = {"preset": "tiny", "space": {"lr_mp": {"loguniform": ["1e-4", "1e-2"]}}}
+    data = {"preset": "tiny", "overrides": dict(GRID_8X8), "space": {"lr_mp": {"loguniform": ["1e-4", "1e-2"]}}}
+    extra_overrides = extra.pop("overrides", {})
     data.update(extra)
+    data["overrides"].update(extra_overrides)
     return data
 
 
@@ -157,7 +164,7 @@ def test_write_results_produces_table_best_config_and_plots(tmp_path):
     assert header == ["rank", "trial", "status", "mp_pixel_shuffle_factor", "val_loss", "tokens_per_second",
                       "steps", "wall_time_s", "reason"]
     vlm, train = configs_from_dict(json.loads(written["config.json"].read_text()))
-    expected_vlm, _ = preset("tiny", mp_pixel_shuffle_factor=1)
+    expected_vlm, _ = preset("tiny", **GRID_8X8, mp_pixel_shuffle_factor=1)
     assert vlm == expected_vlm and train.lr_mp == preset("tiny")[1].lr_mp
     for name in ("metric_vs_fields.png", "learning_curves.png"):
         assert written[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
