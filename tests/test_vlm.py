@@ -124,6 +124,6 @@ def test_gradients_reach_vision_projector_and_decoder():
     ids = _ids([1])
     _, loss = model(ids, images=torch.randn(1, 3, 32, 32), targets=ids)
     loss.backward()
-    for name in ("vision_encoder.patch_embedding.conv.weight", "MP.proj.weight", "decoder.blocks.0.attn.q_proj.weight"):
+    for name in ("vision_encoder.patch_embedding.conv.weight", "MP.proj.weight", "decoder.blocks.0.attn.qkv_proj.weight"):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name

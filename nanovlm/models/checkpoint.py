@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import save_model
+from safetensors.torch import save_file
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +24,26 @@ class CheckpointError(ValueError):
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:
-    # save_model (not save_file) stores tied tensors once instead of failing on shared storage.
-    save_model(model, str(path), metadata={"format": "pt"})
+    """`model.state_dict()` as safetensors. Tied tensors (the same memory under two keys) are
+    stored once, under the first key in sorted order, the other key recorded in the metadata
+    (what safetensors' `save_model` does). Keys that are row views of a fused weight (the
+    decoder's q/k/v and gate/up) are stored as copies: safetensors refuses partial views."""
+    state = model.state_dict()
+    metadata = {"format": "pt"}
+    tied: dict[tuple, list[str]] = {}
+    for key, tensor in state.items():
+        ident = (tensor.device, tensor.dtype, tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+        tied.setdefault(ident, []).append(key)
+    for names in tied.values():
+        keep, *others = sorted(names)
+        for other in others:
+            metadata[other] = keep
+            del state[other]
+    out = {}
+    for key, tensor in state.items():
+        whole = tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+        out[key] = tensor if whole else tensor.contiguous().clone()
+    save_file(out, str(path), metadata=metadata)
 
 
 def read_header(path: str | Path) -> dict[str, dict]:

@@ -1,15 +1,24 @@
 """Llama/SmolLM2-style decoder: RMSNorm, rotary embeddings (rotate-half), grouped-query
 attention, SwiGLU MLP, optional tied embeddings, and a preallocated KV cache.
 
-Parameter names match published nanoVLM checkpoints (`token_embedding`, `blocks.{i}.attn.q_proj`,
+State-dict keys match published nanoVLM checkpoints (`token_embedding`, `blocks.{i}.attn.q_proj`,
 `blocks.{i}.mlp.gate_proj`, `blocks.{i}.norm1`, `norm`, `head`, `rotary_embd.inv_freq`).
 Numerically it equals transformers' `LlamaForCausalLM` (tests/test_language_model.py).
+
+For speed, q/k/v live in one `attn.qkv_proj` weight ([q | k | v] rows) and gate/up in one
+`mlp.gate_up_proj` ([gate | up]): one matmul each instead of three and two. State-dict hooks keep
+the checkpoint keys per projection: `state_dict()` holds `q_proj`/`k_proj`/`v_proj` (and
+`gate_proj`/`up_proj`) as row views of the fused weight, so writing into them in place (as
+`checkpoint.load_weights` and `hf_import.copy_into` do) fills the fused weight, and
+`load_state_dict` concatenates them back.
 
 Padding is on the left. As in transformers' `generate`, position ids count real tokens only
 (`cumsum(attention_mask) - 1`), so a padded row computes exactly what it would alone.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -79,6 +88,51 @@ class KVCache:
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
 
 
+def register_split_hooks(module: nn.Module, fused: str, parts: Sequence[tuple[str, int]]) -> None:
+    """Store `module.<fused>.weight` (rows = the parts, in order) under one key per part.
+
+    parts: (name, rows) pairs, e.g. (("q_proj", D), ("k_proj", kv), ("v_proj", kv)). Saving
+    replaces `<fused>.weight` by `<name>.weight` row views (same storage, same key order as
+    separate projections would have); loading concatenates them back."""
+    names = [name for name, _ in parts]
+    sizes = [rows for _, rows in parts]
+
+    def split_on_save(mod, state_dict, prefix, local_metadata):
+        key = f"{prefix}{fused}.weight"
+        if key not in state_dict:
+            return
+        # This module's keys are the last ones written; keep the parts where the fused key was.
+        later = [k for k in state_dict if k.startswith(prefix)]
+        later = later[later.index(key) + 1:]
+        weight = state_dict.pop(key)
+        for name, piece in zip(names, weight.split(sizes, dim=0)):
+            state_dict[f"{prefix}{name}.weight"] = piece
+        for k in later:
+            state_dict[k] = state_dict.pop(k)
+
+    def concat_on_load(mod, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        keys = [f"{prefix}{name}.weight" for name in names]
+        present = [k for k in keys if k in state_dict]
+        if not present:
+            return                      # a fused key (or nothing) is given: the default loading handles it
+        if len(present) < len(keys):
+            if strict:
+                error_msgs.append(f"{prefix}{fused}.weight is stored as {keys}; only {present} are given.")
+            return
+        pieces = [state_dict[k] for k in keys]
+        expected = [(rows, mod.get_submodule(fused).in_features) for rows in sizes]
+        if [tuple(t.shape) for t in pieces] != expected:
+            error_msgs.append(f"{prefix}{fused}: {keys} have shapes {[list(t.shape) for t in pieces]}, "
+                              f"the model expects {[list(e) for e in expected]} (a checkpoint of another config?).")
+            return
+        for k in keys:
+            del state_dict[k]
+        state_dict[f"{prefix}{fused}.weight"] = torch.cat(pieces, dim=0)
+
+    module.register_state_dict_post_hook(split_on_save)
+    module.register_load_state_dict_pre_hook(concat_on_load)
+
+
 class GroupedQueryAttention(nn.Module):
     def __init__(self, cfg: VLMConfig):
         super().__init__()
@@ -88,17 +142,19 @@ class GroupedQueryAttention(nn.Module):
         self.head_dim = cfg.lm_hidden_dim // cfg.lm_n_heads
         self.dropout = cfg.lm_dropout
         d, kv = cfg.lm_hidden_dim, self.n_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, kv, bias=False)
-        self.v_proj = nn.Linear(d, kv, bias=False)
+        self.sizes = [d, kv, kv]
+        # Rows [0:d] = q_proj, [d:d+kv] = k_proj, [d+kv:] = v_proj (separate keys in the state dict).
+        self.qkv_proj = nn.Linear(d, d + 2 * kv, bias=False)
         self.out_proj = nn.Linear(d, d, bias=False)
+        register_split_hooks(self, "qkv_proj", [("q_proj", d), ("k_proj", kv), ("v_proj", kv)])
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 is_causal: bool, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, D = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)       # [B, H, T, hd]
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # [B, Hkv, T, hd]
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)       # [B, H, T, hd]
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # [B, Hkv, T, hd]
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
         if cache is not None:
@@ -125,12 +181,15 @@ class GroupedQueryAttention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, cfg: VLMConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.lm_hidden_dim, cfg.lm_inter_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.lm_hidden_dim, cfg.lm_inter_dim, bias=False)
+        self.inter_dim = cfg.lm_inter_dim
+        # Rows [0:inter] = gate_proj, [inter:] = up_proj (separate keys in the state dict).
+        self.gate_up_proj = nn.Linear(cfg.lm_hidden_dim, 2 * cfg.lm_inter_dim, bias=False)
         self.down_proj = nn.Linear(cfg.lm_inter_dim, cfg.lm_hidden_dim, bias=False)
+        register_split_hooks(self, "gate_up_proj", [("gate_proj", cfg.lm_inter_dim), ("up_proj", cfg.lm_inter_dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.inter_dim, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LanguageModelBlock(nn.Module):
@@ -236,17 +295,18 @@ class LanguageModel(nn.Module):
         for i, block in enumerate(self.blocks):
             attn, mlp = block.attn, block.mlp
             h = F.rms_norm(x, (D,), block.norm1.weight, eps)
-            q = F.linear(h, attn.q_proj.weight).view(B, H, hd)
-            k = F.linear(h, attn.k_proj.weight).view(B, Hkv, hd)
+            q, k, v = F.linear(h, attn.qkv_proj.weight).split(attn.sizes, dim=-1)
+            q, k = q.view(B, H, hd), k.view(B, Hkv, hd)
             q = torch.addcmul(q * cos, torch.cat([q[..., half:], q[..., :half]], dim=-1), sin)
             kv_cache.k[i, :, :, p] = torch.addcmul(k * cos, torch.cat([k[..., half:], k[..., :half]], dim=-1), sin)
-            kv_cache.v[i, :, :, p] = F.linear(h, attn.v_proj.weight).view(B, Hkv, hd)
+            kv_cache.v[i, :, :, p] = v.view(B, Hkv, hd)
             # Query heads of a KV group share its keys: [B, Hkv, n_groups, hd] against [B, Hkv, L, hd].
             y = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, hd), kv_cache.k[i, :, :, :p + 1],
                                                kv_cache.v[i, :, :, :p + 1], attn_mask=mask)
             x = torch.addmm(x, y.reshape(B, D), attn.out_proj.weight.t())
             h = F.rms_norm(x, (D,), block.norm2.weight, eps)
-            gated = F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight)
+            gate, up = F.linear(h, mlp.gate_up_proj.weight).split(mlp.inter_dim, dim=-1)
+            gated = F.silu(gate) * up
             x = torch.addmm(x, gated, mlp.down_proj.weight.t())
         kv_cache.length = p + 1
         return F.rms_norm(x, (D,), self.norm.weight, eps)
