@@ -50,7 +50,8 @@ class RotaryEmbedding(nn.Module):
         self.attention_scaling = cfg.lm_attn_scaling
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids [B, T] -> cos, signed sin, each [B, 1, T, head_dim] (float32 math, then `dtype`).
+        """position_ids [B, T] -> cos, signed sin, each [B, T, 1, head_dim] (float32 math, then `dtype`;
+        the 1 broadcasts over heads of activations laid out [B, T, heads, head_dim]).
 
         The sign of rotate-half is folded into the sine table, sin_signed = [-sin, sin], so that
         rotate_half(x) * sin == swap_halves(x) * sin_signed (fewer kernels per decode step)."""
@@ -58,7 +59,7 @@ class RotaryEmbedding(nn.Module):
         cos = (freqs.cos() * self.attention_scaling).repeat(1, 1, 2)
         sin = freqs.sin() * self.attention_scaling
         sin_signed = torch.cat([-sin, sin], dim=-1)
-        return cos.to(dtype)[:, None], sin_signed.to(dtype)[:, None]
+        return cos.to(dtype)[:, :, None], sin_signed.to(dtype)[:, :, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -142,7 +143,6 @@ class GroupedQueryAttention(nn.Module):
         self.head_dim = cfg.lm_hidden_dim // cfg.lm_n_heads
         self.dropout = cfg.lm_dropout
         d, kv = cfg.lm_hidden_dim, self.n_kv_heads * self.head_dim
-        self.sizes = [d, kv, kv]
         # Rows [0:d] = q_proj, [d:d+kv] = k_proj, [d+kv:] = v_proj (separate keys in the state dict).
         self.qkv_proj = nn.Linear(d, d + 2 * kv, bias=False)
         self.out_proj = nn.Linear(d, d, bias=False)
@@ -151,11 +151,13 @@ class GroupedQueryAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 is_causal: bool, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, D = x.shape
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)       # [B, H, T, hd]
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # [B, Hkv, T, hd]
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)                                                   # [B, T, (H + 2 Hkv) hd]
+        # q and k are adjacent columns: rotate them together, as H + Hkv heads.
+        qk = apply_rotary(qkv[..., :(H + Hkv) * hd].view(B, T, H + Hkv, hd), cos, sin)
+        q = qk[:, :, :H].transpose(1, 2)                                         # [B, H, T, hd]
+        k = qk[:, :, H:].transpose(1, 2)                                         # [B, Hkv, T, hd]
+        v = qkv[..., (H + Hkv) * hd:].view(B, T, Hkv, hd).transpose(1, 2)
 
         if cache is not None:
             start, end = cache.length, cache.length + T
@@ -271,8 +273,7 @@ class LanguageModel(nn.Module):
         """RoPE tables for the next `n_steps` single-token steps of every row, computed once per
         generation: cos, signed sin [B, n_steps, 1, head_dim] (same math as `rotary_embd`)."""
         positions = kv_cache.next_position[:, None] + torch.arange(n_steps, device=kv_cache.next_position.device)
-        cos, sin = self.rotary_embd(positions, dtype)                      # [B, 1, n, hd]
-        return cos.transpose(1, 2), sin.transpose(1, 2)                    # [B, n, 1, hd]
+        return self.rotary_embd(positions, dtype)                          # [B, n, 1, hd]
 
     def decode_step(self, token: torch.Tensor, kv_cache: KVCache, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """One generated token per row through every block: token [B] -> final hidden [B, D].
@@ -295,11 +296,12 @@ class LanguageModel(nn.Module):
         for i, block in enumerate(self.blocks):
             attn, mlp = block.attn, block.mlp
             h = F.rms_norm(x, (D,), block.norm1.weight, eps)
-            q, k, v = F.linear(h, attn.qkv_proj.weight).split(attn.sizes, dim=-1)
-            q, k = q.view(B, H, hd), k.view(B, Hkv, hd)
-            q = torch.addcmul(q * cos, torch.cat([q[..., half:], q[..., :half]], dim=-1), sin)
-            kv_cache.k[i, :, :, p] = torch.addcmul(k * cos, torch.cat([k[..., half:], k[..., :half]], dim=-1), sin)
-            kv_cache.v[i, :, :, p] = v.view(B, Hkv, hd)
+            qkv = F.linear(h, attn.qkv_proj.weight)                          # [B, (H + 2 Hkv) hd]
+            qk = qkv[:, :(H + Hkv) * hd].view(B, H + Hkv, hd)                 # q and k heads, rotated together
+            qk = torch.addcmul(qk * cos, torch.cat([qk[..., half:], qk[..., :half]], dim=-1), sin)
+            q = qk[:, :H]
+            kv_cache.k[i, :, :, p] = qk[:, H:]
+            kv_cache.v[i, :, :, p] = qkv[:, (H + Hkv) * hd:].view(B, Hkv, hd)
             # Query heads of a KV group share its keys: [B, Hkv, n_groups, hd] against [B, Hkv, L, hd].
             y = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, hd), kv_cache.k[i, :, :, :p + 1],
                                                kv_cache.v[i, :, :, :p + 1], attn_mask=mask)
