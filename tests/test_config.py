@@ -60,12 +60,12 @@ def test_dropout_outside_0_1_names_the_field(vlm, name, value):
     (dict(lm_n_kv_heads=3), ["lm_n_heads=4", "lm_n_kv_heads=3"]),
     (dict(vit_img_size=60), ["vit_img_size=60", "vit_patch_size=8"]),
     (dict(vit_img_size=72, mp_image_token_length=16), ["mp_pixel_shuffle_factor=2", "9x9"]),
-    (dict(mp_image_token_length=15), ["mp_image_token_length=15", "mp_image_token_length=16"]),
+    (dict(vit_img_size=64, mp_image_token_length=15), ["mp_image_token_length=15", "mp_image_token_length=16"]),
     (dict(extra_token_amount=0), ["extra_token_amount=0", "vlm_extra_tokens"]),
     (dict(lm_vocab_size=512), ["lm_vocab_size=512", "lm_base_vocab_size", "extra_token_amount"]),
     (dict(vlm_extra_tokens={"global_image_token": "<g>"}), ["vlm_extra_tokens", "image_token"]),
     (dict(vlm_image_token_id=513), ["vlm_image_token_id=513", "lm_vocab_size=513"]),
-    (dict(lm_max_length=16), ["lm_max_length=16", "mp_image_token_length=16"]),
+    (dict(vit_img_size=64, mp_image_token_length=16, lm_max_length=16), ["lm_max_length=16", "mp_image_token_length=16"]),
     (dict(lm_max_length=1024), ["lm_max_length=1024", "lm_max_position_embeddings=512"]),
 ])
 def test_impossible_model_is_rejected_naming_the_fields(vlm, changes, fields):

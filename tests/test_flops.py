@@ -24,7 +24,7 @@ def _counted(fn) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("overrides", [{}, {"lm_tie_weights": False, "mp_pixel_shuffle_factor": 4}])
+@pytest.mark.parametrize("overrides", [{}, {"lm_tie_weights": False, "vit_img_size": 64, "mp_pixel_shuffle_factor": 4}])
 def test_param_counts_equal_the_built_model_per_component(overrides):
     cfg = _tiny(**overrides)
     model = VisionLanguageModel(cfg)
@@ -70,7 +70,9 @@ def test_decode_flops_match_one_cached_step():
 
 
 def test_image_tokens_and_sizes_follow_the_shuffle_factor():
-    sizes2, sizes4 = model_sizes(_tiny(), seq_len=64), model_sizes(_tiny(mp_pixel_shuffle_factor=4), seq_len=64)
+    # 64 px / 8 px patches: an 8x8 grid, which both factors divide (the tiny preset's 6x6 grid is not divisible by 4)
+    sizes2 = model_sizes(_tiny(vit_img_size=64), seq_len=64)
+    sizes4 = model_sizes(_tiny(vit_img_size=64, mp_pixel_shuffle_factor=4), seq_len=64)
     assert (sizes2.image_tokens_per_image, sizes4.image_tokens_per_image) == (16, 4)
     assert sizes4.projector_flops_per_image == sizes2.projector_flops_per_image  # 4x width, 1/4 tokens
     assert sizes2.train_flops_per_sample == pytest.approx(3 * sizes2.forward_flops_per_sample)

@@ -76,7 +76,7 @@ def test_unwritable_sqlite_directory_is_reported(tmp_path):
 
 
 def test_flatten_config_uses_dataclass_field_names():
-    vlm, train = preset("tiny")
+    vlm, train = preset("tiny", lr_mp=0.002)
     params = tracking.flatten_config(configs_to_dict(vlm, train))
     assert params["lm_n_blocks"] == "3"
     assert params["lr_mp"] == "0.002"
