@@ -169,7 +169,9 @@ def test_generate_command_prints_the_greedy_answer(tmp_path, capsys):
     from nanovlm.config import preset
     from nanovlm.data.processors import get_image_processor, get_tokenizer
 
-    cfg = preset("tiny")[0].replace(lm_tie_weights=False, vit_n_blocks=1, lm_n_blocks=1)
+    # 64 px pinned: 8x8 patch grid, 16 image tokens (the reference below spells both out)
+    cfg = preset("tiny", vit_img_size=64, lm_tie_weights=False, vit_n_blocks=1, lm_n_blocks=1)[0]
+    assert (cfg.vit_img_size, cfg.mp_image_token_length) == (64, 16)
     torch.manual_seed(0)
     model = VisionLanguageModel(cfg).eval()
     with torch.no_grad():

@@ -38,7 +38,7 @@ def test_unknown_set_field_names_the_field_and_a_suggestion(capsys):
 
 
 def test_impossible_shapes_name_the_fields_and_a_valid_choice(capsys):
-    assert train_job.main(["--preset", "tiny", "--set", "vit_patch_size=7"]) == 2
+    assert train_job.main(["--preset", "tiny", "--set", "vit_img_size=64", "--set", "vit_patch_size=7"]) == 2
     err = capsys.readouterr().err
     assert "vit_img_size=64 is not divisible by vit_patch_size=7" in err
 
