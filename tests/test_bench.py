@@ -69,6 +69,7 @@ def test_reference_carries_our_weights_and_computes_our_outputs():
 GRID = {
     "name": "t",
     "preset": "tiny",
+    "overrides": {"vit_img_size": 64},  # 8x8 patch grid: shuffle factors 1, 2, 4 are valid, 3 is not
     "grid": {"mp_pixel_shuffle_factor": [2, 4]},
     "measure": {"inference": {"batch_size": 1, "prompt_tokens": 4, "new_tokens": 2}, "training": None,
                 "warmup": 0, "repeats": 1},
@@ -144,7 +145,7 @@ def test_ray_tune_grid_measures_and_logs_each_point_to_mlflow(tmp_path):
     from nanovlm import tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    grid = parse_grid({**GRID, "overrides": {"lm_n_blocks": 1, "vit_n_blocks": 1}, "resources": {"cpu": 1}})
+    grid = parse_grid({**GRID, "overrides": {**GRID["overrides"], "lm_n_blocks": 1, "vit_n_blocks": 1}, "resources": {"cpu": 1}})
     run = run_grid(grid, tmp_path / "out", executor="ray", tracking=True, tracking_uri=uri)
     assert [r["status"] for r in run.rows] == ["ok", "ok"]
     assert all(r["infer_decode_tokens_per_s"] > 0 for r in run.rows)
