@@ -46,6 +46,7 @@ def train_worker(config: dict[str, Any]) -> None:
     """Entry point of `TorchTrainer(train_loop_per_worker=train_worker, train_loop_config=config)`."""
     from nanovlm.training import train
 
+    _quiet_ray_report_log()
     run = dict(config.get("run") or {})
     vlm_cfg, train_cfg = configs_from_dict({"vlm": config["vlm"], "train": config["train"]})
     vlm_cfg.validate()
@@ -56,6 +57,14 @@ def train_worker(config: dict[str, Any]) -> None:
     except BaseException:
         hooks.close(status="FAILED")
         raise
+
+
+def _quiet_ray_report_log() -> None:
+    """Ray Train V2 logs every report's full metrics dict at INFO from each worker, which buries
+    our own step lines; keep its warnings only."""
+    from ray.train.v2._internal.execution import context as ray_train_context
+
+    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
 
 
 class RayTrainHooks(TrainHooks):
