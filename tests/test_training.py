@@ -7,25 +7,13 @@ import math
 import pytest
 import torch
 
-from nanovlm.config import preset
 from nanovlm.models import VisionLanguageModel
 from nanovlm.training import NonFiniteLossError, TrainHooks, train
 from nanovlm.training.checkpointing import list_checkpoints, load_train_state
+from training_configs import tiny_configs
 
 STEP_KEYS = {"loss", "lr_mp", "lr_vision_backbone", "lr_language_backbone", "grad_norm", "tokens_per_second",
              "samples_per_second", "images_per_second", "step_time", "data_wait", "mfu", "peak_memory_mb"}
-
-
-def tiny_configs(output_dir, **changes):
-    """A ~50k-parameter model on 32 px shapes: a few steps take seconds on one core."""
-    settings = dict(
-        vit_img_size=32, vit_patch_size=8, vit_hidden_dim=32, vit_inter_dim=64, vit_n_heads=2, vit_n_blocks=1,
-        lm_hidden_dim=32, lm_inter_dim=64, lm_n_heads=2, lm_n_kv_heads=1, lm_n_blocks=1,
-        batch_size=4, shapes_train_size=64, shapes_eval_size=8, eval_samples=4, max_new_tokens_eval=3,
-        eval_interval=1000, checkpoint_interval=1000, log_interval=1000, output_dir=str(output_dir),
-        peak_flops=1e12, warmup_ratio=0.2)
-    settings.update(changes)
-    return preset("tiny", **settings)
 
 
 class Recorder(TrainHooks):
