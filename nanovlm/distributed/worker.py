@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 MLFLOW_RUN_ID_KEY = "mlflow_run_id"  # in the Ray checkpoint's metadata
 # Fault injection for tests and drills: "RANK:STEP" makes that rank SIGKILL itself after STEP,
-# once (only in a worker group that did not start from a checkpoint).
+# once per output_dir (a marker file there remembers it across the restart).
 KILL_ENV = "NANOVLM_KILL_RANK_AT_STEP"
 
 
@@ -174,12 +175,20 @@ class RayTrainHooks(TrainHooks):
 
     def _maybe_kill_self(self, step: int) -> None:
         target = os.environ.get(KILL_ENV)
-        if not target or self._ray_checkpoint is not None:
+        if not target:
             return
         rank, at_step = (int(x) for x in target.split(":"))
-        if rank == self.rank and step == at_step:
-            logger.warning("%s=%s: rank %d kills its own process after step %d.", KILL_ENV, target, rank, step)
-            os.kill(os.getpid(), signal.SIGKILL)
+        marker = Path(self.train_cfg.output_dir) / f".killed-rank{rank}-step{at_step}"
+        if rank != self.rank or step != at_step or marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        # Let the controller poll the reports already sent, so the latest checkpoint is registered
+        # before the worker dies (otherwise the restart could start from an older one).
+        poll_s = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2"))
+        time.sleep(max(1.0, 5 * poll_s))
+        logger.warning("%s=%s: rank %d kills its own process after step %d.", KILL_ENV, target, rank, step)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def _is_eval_step(self, step: int) -> bool:
         return step % self.train_cfg.eval_interval == 0 or step == self.train_cfg.max_training_steps
