@@ -4,29 +4,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanovlm.config import preset
-from nanovlm.data import VQACollator, VQADataset, get_image_processor, get_tokenizer
+from nanovlm.data import VQACollator, VQADataset, get_image_processor
 from nanovlm.data.shapes import ShapesRows
 
 IGNORE = -100
 
 
 @pytest.fixture(scope="module")
-def vlm_cfg():
-    return preset("tiny")[0]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(vlm_cfg):
-    return get_tokenizer(vlm_cfg.lm_tokenizer, vlm_cfg.vlm_extra_tokens, vlm_cfg.lm_chat_template)
-
-
-@pytest.fixture(scope="module")
-def items(vlm_cfg, tokenizer):
+def items(tiny_cfg, tokenizer):
     """Samples of clearly different lengths: a caption, a yes/no, a colour question."""
     rows = [ShapesRows("train", 1, seed=s, max_objects=2, question_types=q)[0]
             for s, q in ((1, "caption"), (2, "exists"), (3, "colour"))]
-    dataset = VQADataset(rows, tokenizer, get_image_processor(vlm_cfg.vit_img_size), vlm_cfg)
+    dataset = VQADataset(rows, tokenizer, get_image_processor(tiny_cfg.vit_img_size), tiny_cfg)
     items = [dataset[i] for i in range(len(dataset))]
     assert len({len(item["input_ids"]) for item in items}) == 3
     return items
@@ -67,14 +56,14 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return losses.sum(1) / (labels != IGNORE).sum(1)
 
 
-def test_padding_never_changes_a_samples_loss_in_the_vlm(items, tokenizer, vlm_cfg):
+def test_padding_never_changes_a_samples_loss_in_the_vlm(items, tokenizer, tiny_cfg):
     from nanovlm.models import VisionLanguageModel
     torch.manual_seed(0)
-    model = VisionLanguageModel(vlm_cfg, load_backbone=False).eval()
+    model = VisionLanguageModel(tiny_cfg, load_backbone=False).eval()
     with torch.no_grad():
         for p in model.parameters():  # fresh inits leave norms at identity and biases at zero
             p.add_(0.02 * torch.randn_like(p))
-        batch = VQACollator(tokenizer, vlm_cfg.lm_max_length)(items)
+        batch = VQACollator(tokenizer, tiny_cfg.lm_max_length)(items)
         logits, _ = model(batch["input_ids"], batch["images"], attention_mask=batch["attention_mask"])
         padded = per_sample_loss(logits, batch["labels"])
         for row, item in enumerate(items):

@@ -5,20 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from nanovlm.config import CHATML_TEMPLATE, preset
+from nanovlm.config import CHATML_TEMPLATE
 from nanovlm.data import processors
 from nanovlm.data.processors import ensure_shapes_tokenizer, get_image_processor, get_tokenizer
 from nanovlm.data.tokenizer_training import train_bpe_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_cfg():
-    return preset("tiny")[0]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_cfg):
-    return get_tokenizer(tiny_cfg.lm_tokenizer, tiny_cfg.vlm_extra_tokens, tiny_cfg.lm_chat_template)
 
 
 def test_image_token_id_matches_the_tiny_config(tokenizer, tiny_cfg):
