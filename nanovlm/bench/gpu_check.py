@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("%s failed after %.0f s:\n%s", name, time.time() - t0, traceback.format_exc())
         finally:
             _free(device)
+            if args.json:  # after every measurement, so a run cut short keeps what it measured
+                report["wall_s"] = time.time() - started
+                Path(args.json).write_text(json.dumps(report, indent=2))
 
     from nanovlm.models import VisionLanguageModel
 
@@ -161,10 +164,10 @@ def main(argv: list[str] | None = None) -> int:
 
     attempt("matmul_peak", measure_peak)
     attempt(f"train_{dtype}_eager", lambda: train(False))
-    if not args.skip_compile:
-        attempt(f"train_{dtype}_compile", lambda: train(True))
     for name, spec in decode_specs.items():
         attempt(name, lambda spec=spec: decode(spec))
+    if not args.skip_compile:  # after the decodes: compiling is the slowest and least certain step
+        attempt(f"train_{dtype}_compile", lambda: train(True))
     if not args.skip_reference:
         attempt("versus_reference", versus_reference)
     report["wall_s"] = time.time() - started
