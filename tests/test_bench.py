@@ -32,6 +32,19 @@ def test_harness_returns_every_metric_finite_and_positive():
     assert metrics and all(math.isfinite(v) and v > 0 for v in metrics.values()), metrics
 
 
+def test_synthetic_batch_supervises_every_text_token_or_only_the_answer():
+    cfg = preset("tiny")[0]
+    n_img = cfg.mp_image_token_length
+    every = synthetic_batch(cfg, 2, 10)
+    assert (every.targets != -100).sum(dim=1).tolist() == [9, 9]
+    assert torch.equal(every.targets[:, n_img:-1], every.input_ids[:, n_img + 1:])
+    answer = synthetic_batch(cfg, 2, 10, answer_tokens=3)
+    assert (answer.targets != -100).sum(dim=1).tolist() == [3, 3]
+    assert torch.equal(answer.targets[:, -4:-1], answer.input_ids[:, -3:])
+    with pytest.raises(ValueError, match="answer_tokens"):
+        synthetic_batch(cfg, 2, 10, answer_tokens=10)
+
+
 def test_matmul_peak_is_positive_flops():
     assert matmul_peak_flops("cpu", "float32", size=128, repeats=2) > 0
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanovlm.config import TrainConfig
-from nanovlm.training.optim import PARTS, build_optimizer, build_scheduler, current_lrs, lr_multiplier
+from nanovlm.training.optim import PARTS, adamw, build_optimizer, build_scheduler, current_lrs, lr_multiplier
 
 
 class ThreePartModel(torch.nn.Module):
@@ -142,3 +142,26 @@ def test_resuming_with_more_steps_follows_the_new_schedule():
     opt2.step()
     sched2.step()
     assert current_lrs(opt2)["lr_mp"] == pytest.approx(1e-2 * reference_schedule(6, 40, 4, 0.1))
+
+
+def test_optimizer_is_fused_on_cpu_and_steps_like_plain_adamw():
+    torch.manual_seed(0)
+    model = ThreePartModel()
+    assert build_optimizer(model, cfg()).defaults["fused"] is True
+    twin = ThreePartModel()
+    twin.load_state_dict(model.state_dict())
+    fused, plain = adamw(model.parameters(), lr=1e-2, weight_decay=0.1), \
+        torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.1)
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        for m, opt in ((model, fused), (twin, plain)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_optimizer_falls_back_to_plain_adamw_for_non_float_or_other_devices():
+    meta = torch.nn.Linear(2, 2, device="meta")
+    assert not adamw(meta.parameters(), lr=1e-3).defaults.get("fused")

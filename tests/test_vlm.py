@@ -106,6 +106,28 @@ def test_loss_is_cross_entropy_over_targets_ignoring_minus_100(model):
     assert torch.allclose(loss, expected, atol=1e-6)
 
 
+def test_training_loss_without_logits_equals_the_full_loss_and_its_gradients():
+    # return_logits=False applies the head to the supervised positions only: same loss, same grads.
+    torch.manual_seed(0)
+    model = VisionLanguageModel(VLMConfig(**TINY))
+    ids = _ids([1, 1])
+    targets = torch.full_like(ids, -100)
+    targets[0, -4:] = torch.randint(0, 100, (4,))
+    targets[1, -2:] = torch.randint(0, 100, (2,))
+    images = torch.randn(2, 3, 32, 32)
+    grads = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        logits, loss = model(ids, images=images, targets=targets, return_logits=return_logits)
+        assert (logits is None) == (not return_logits)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (full, full_grads), (lean, lean_grads) = grads
+    assert torch.allclose(full, lean, atol=1e-6)
+    for name, grad in full_grads.items():
+        assert torch.allclose(grad, lean_grads[name], atol=1e-6), name
+
+
 def test_left_padding_does_not_change_the_real_rows(model):
     ids = _ids([1, 1])
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids[:1]], dim=1)

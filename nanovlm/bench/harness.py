@@ -24,6 +24,7 @@ import torch
 
 from nanovlm.bench.flops import vlm_flops
 from nanovlm.config import VLMConfig
+from nanovlm.training.optim import adamw
 
 logger = logging.getLogger(__name__)
 
@@ -52,18 +53,25 @@ class SyntheticBatch:
 
 
 def synthetic_batch(cfg: VLMConfig, batch_size: int, text_tokens: int, n_images: int = 1,
-                    device: str | torch.device = "cpu", seed: int = 0) -> SyntheticBatch:
-    """`text_tokens` random ids after `n_images * mp_image_token_length` image tokens."""
+                    device: str | torch.device = "cpu", seed: int = 0,
+                    answer_tokens: int | None = None) -> SyntheticBatch:
+    """`text_tokens` random ids after `n_images * mp_image_token_length` image tokens. Targets
+    supervise the next token at every text position (`answer_tokens=None`, language-model
+    pre-training), or only the last `answer_tokens` ids (instruction tuning: image and prompt
+    masked, the answer learned; how nanoVLM trains)."""
     if batch_size <= 0 or text_tokens <= 0 or n_images < 0:
         raise ValueError(f"batch_size={batch_size}, text_tokens={text_tokens} must be positive "
                          f"and n_images={n_images} >= 0.")
+    if answer_tokens is not None and not 0 < answer_tokens < text_tokens:
+        raise ValueError(f"answer_tokens={answer_tokens} must be between 1 and text_tokens - 1 = {text_tokens - 1}.")
     g = torch.Generator().manual_seed(seed)
     n_img_tok = n_images * cfg.mp_image_token_length
     text = torch.randint(0, cfg.lm_base_vocab_size, (batch_size, text_tokens), generator=g)
     image_ids = torch.full((batch_size, n_img_tok), cfg.image_token_id, dtype=torch.long)
     input_ids = torch.cat([image_ids, text], dim=1)
     targets = torch.full_like(input_ids, -100)
-    targets[:, n_img_tok:-1] = input_ids[:, n_img_tok + 1:]
+    first = n_img_tok if answer_tokens is None else input_ids.shape[1] - 1 - answer_tokens
+    targets[:, first:-1] = input_ids[:, first + 1:]
     images = torch.randn(batch_size * n_images, 3, cfg.vit_img_size, cfg.vit_img_size, generator=g)
     device = torch.device(device)
     return SyntheticBatch(input_ids.to(device), torch.ones_like(input_ids).to(device), images.to(device),
@@ -141,11 +149,12 @@ class NanoVLMRunner:
     def train_step(self, batch: SyntheticBatch) -> None:
         if self._optimizer is None:
             self.model.train()
-            self._optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr)
+            self._optimizer = adamw(self.model.parameters(), lr=self.lr)
             self._train_forward = torch.compile(self.model) if self.compile else self.model
         with _autocast(self.device, self.dtype):
             _, loss = self._train_forward(batch.input_ids, images=batch.images,
-                                          attention_mask=batch.attention_mask, targets=batch.targets)
+                                          attention_mask=batch.attention_mask, targets=batch.targets,
+                                          return_logits=False)
         loss.backward()
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
@@ -277,6 +286,7 @@ class TrainSpec:
     batch_size: int = 8
     text_tokens: int = 32          # text tokens after the image tokens
     n_images: int = 1
+    answer_tokens: int | None = None  # supervised tokens at the end (None: every text token)
 
 
 def inference_trial(runner: Runner, batch: SyntheticBatch, new_tokens: int) -> Callable[[], dict[str, float]]:
@@ -341,7 +351,8 @@ def measure_training(runners: list[Runner], cfg: VLMConfig, spec: TrainSpec, pea
                      warmup: int = 2, repeats: int = 5, memory: bool = True) -> dict[str, dict[str, Stat]]:
     """Training-step metrics for each runner (interleaved); MFU is against `peak_flops`."""
     device = runners[0].device
-    batch = synthetic_batch(cfg, spec.batch_size, spec.text_tokens, spec.n_images, device)
+    batch = synthetic_batch(cfg, spec.batch_size, spec.text_tokens, spec.n_images, device,
+                            answer_tokens=spec.answer_tokens)
     results = interleave({r.name: train_trial(r, batch, cfg, peak_flops) for r in runners}, warmup, repeats)
     if memory:
         for r in runners:
@@ -360,7 +371,8 @@ def largest_batch(make_runner: Callable[[], Runner], cfg: VLMConfig, spec: Train
 
     def fits(batch_size: int) -> bool:
         try:
-            batch = synthetic_batch(cfg, batch_size, spec.text_tokens, spec.n_images, runner.device)
+            batch = synthetic_batch(cfg, batch_size, spec.text_tokens, spec.n_images, runner.device,
+                                    answer_tokens=spec.answer_tokens)
             runner.train_step(batch)
             synchronize(runner.device)
             return True

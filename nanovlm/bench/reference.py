@@ -16,6 +16,7 @@ import torch
 
 from nanovlm.bench.harness import DTYPES, SyntheticBatch
 from nanovlm.config import ConfigError, VLMConfig
+from nanovlm.training.optim import adamw
 
 
 def idefics3_config(cfg: VLMConfig, attn_implementation: str = "sdpa"):
@@ -160,7 +161,7 @@ class ReferenceRunner:
     def train_step(self, batch: SyntheticBatch) -> None:
         if self._optimizer is None:
             self.model.train()
-            self._optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr)
+            self._optimizer = adamw(self.model.parameters(), lr=self.lr)  # fused, as HF's Trainer defaults to
         autocast = (contextlib.nullcontext() if self.dtype == torch.float32
                     else torch.autocast(device_type=self.device.type, dtype=self.dtype))
         with autocast:

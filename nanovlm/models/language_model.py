@@ -62,6 +62,12 @@ class RotaryEmbedding(nn.Module):
         return cos.to(dtype)[:, :, None], sin_signed.to(dtype)[:, :, None]
 
 
+def _as(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The norm gain in x's dtype: under autocast `addmm` returns bfloat16 activations, and
+    rms_norm with a float32 gain falls back from its fused kernel to a slow composite."""
+    return weight if weight.dtype == x.dtype else weight.to(x.dtype)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE: x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1]."""
     half = x.shape[-1] // 2
@@ -295,7 +301,7 @@ class LanguageModel(nn.Module):
         x = F.embedding(token, self.token_embedding.weight)               # [B, D]
         for i, block in enumerate(self.blocks):
             attn, mlp = block.attn, block.mlp
-            h = F.rms_norm(x, (D,), block.norm1.weight, eps)
+            h = F.rms_norm(x, (D,), _as(block.norm1.weight, x), eps)
             qkv = F.linear(h, attn.qkv_proj.weight)                          # [B, (H + 2 Hkv) hd]
             qk = qkv[:, :(H + Hkv) * hd].view(B, H + Hkv, hd)                 # q and k heads, rotated together
             qk = torch.addcmul(qk * cos, torch.cat([qk[..., half:], qk[..., :half]], dim=-1), sin)
@@ -306,12 +312,12 @@ class LanguageModel(nn.Module):
             y = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, hd), kv_cache.k[i, :, :, :p + 1],
                                                kv_cache.v[i, :, :, :p + 1], attn_mask=mask)
             x = torch.addmm(x, y.reshape(B, D), attn.out_proj.weight.t())
-            h = F.rms_norm(x, (D,), block.norm2.weight, eps)
+            h = F.rms_norm(x, (D,), _as(block.norm2.weight, x), eps)
             gate, up = F.linear(h, mlp.gate_up_proj.weight).split(mlp.inter_dim, dim=-1)
             gated = F.silu(gate) * up
             x = torch.addmm(x, gated, mlp.down_proj.weight.t())
         kv_cache.length = p + 1
-        return F.rms_norm(x, (D,), self.norm.weight, eps)
+        return F.rms_norm(x, (D,), _as(self.norm.weight, x), eps)
 
     @staticmethod
     def _key_mask(attention_mask, B, T, past, kv_cache) -> torch.Tensor | None:

@@ -86,17 +86,25 @@ class VisionLanguageModel(nn.Module):
         return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
 
     def forward(self, input_ids: torch.Tensor, images: Images = None, attention_mask: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                targets: torch.Tensor | None = None, return_logits: bool = True,
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """input_ids [B, T]; images [N, 3, H, W] in placeholder order, or one [n_i, 3, H, W] per
         sample; attention_mask [B, T] (1 = real token, left padding); targets [B, T], already
-        shifted, -100 = ignored. Returns (logits [B, T, V], loss or None)."""
+        shifted, -100 = ignored. Returns (logits [B, T, V], loss or None).
+
+        `return_logits=False` (training) returns (None, loss) and applies the LM head only to the
+        supervised positions: image tokens and prompts are most of a VLM's sequence, and the head
+        (vocabulary x hidden) with its softmax is the decoder's largest single layer."""
         hidden = self.decoder(self.embed(input_ids, images), attention_mask=attention_mask)
-        logits = self.decoder.head(hidden)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                   ignore_index=-100)
-        return logits, loss
+        if targets is None:
+            return self.decoder.head(hidden), None
+        if return_logits:
+            logits = self.decoder.head(hidden)
+            return logits, F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                           ignore_index=-100)
+        supervised = targets != -100
+        logits = self.decoder.head(hidden[supervised])                          # [n_supervised, V]
+        return None, F.cross_entropy(logits.float(), targets[supervised])
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()

@@ -259,7 +259,8 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None =
                 with sync:
                     with autocast():
                         _, loss = train_model(batch["input_ids"], batch.get("images"),
-                                              attention_mask=batch["attention_mask"], targets=batch["labels"])
+                                              attention_mask=batch["attention_mask"], targets=batch["labels"],
+                                              return_logits=False)
                     loss_value = float(loss.detach())
                     if not math.isfinite(loss_value) and bad is None:
                         bad = (f"loss={loss_value} on micro-batch {micro + 1}/{accumulation} "

@@ -76,8 +76,20 @@ def build_optimizer(model: torch.nn.Module, train_cfg: TrainConfig) -> torch.opt
             if tensors:
                 groups.append({"params": tensors, "lr": lr, "weight_decay": weight_decay,
                                "part": part, "lr_field": lr_field})
-    # fused/foreach kernels only where they exist; the default picks foreach on CUDA.
-    return torch.optim.AdamW(groups, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2))
+    return adamw(groups, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2))
+
+
+def adamw(params, **kwargs) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel (one kernel for all parameters) where the parameters'
+    device has one (CPU and CUDA), else the default implementation. The same arithmetic: on
+    CPU the default is a per-parameter Python loop, and fused made the optimizer step ~3x faster
+    (33 vs 104 ms per step on the compare's 27M config). HF's Trainer defaults to it too."""
+    groups = list(params)
+    tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    devices = {p.device.type for p in tensors}
+    if tensors and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in tensors):
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def warmup_steps(train_cfg: TrainConfig) -> int:
