@@ -1,6 +1,8 @@
 """VisionLanguageModel.generate: KV-cached decoding equals recomputation, batching with left padding
 equals one-by-one, EOS stops, and sampling respects temperature / top-k / top-p."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -205,3 +207,40 @@ def test_generate_command_reports_a_missing_image(tmp_path, capsys):
     rc = main(["generate", "--checkpoint", str(tmp_path), "--image", str(tmp_path / "nope.png"), "--prompt", "hi"])
     assert rc == 2
     assert "nope.png" in capsys.readouterr().err
+
+
+def test_static_decode_step_equals_the_decode_step(model):
+    # The compile-friendly step (whole cache read, later slots masked) computes what decode_step
+    # does, on a left-padded batch; run uncompiled here, compiled in the next test.
+    ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 8]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    dec = model.decoder
+    with torch.no_grad():
+        caches = [dec.new_kv_cache(2, 16), dec.new_kv_cache(2, 16)]
+        for cache in caches:
+            dec(ids, attention_mask=mask, kv_cache=cache)
+        cos, sin = dec.decode_rope(caches[0], 4, torch.float32)
+        position, index = torch.tensor(5), torch.tensor(0)
+        token = torch.tensor([9, 10])
+        for step in range(4):
+            expected = dec.decode_step(token, caches[0], cos[:, step], sin[:, step])
+            got = dec.static_decode_step(token, caches[1].k, caches[1].v, caches[1].key_mask, cos, sin, position, index)
+            position += 1
+            index += 1
+            assert (got - expected).abs().max().item() <= 1e-5, f"step {step}"
+            token = dec.head(expected).argmax(-1)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_generation_equals_eager_generation(model):
+    prompts = [_prompt(n, seed=n) for n in (3, 6)]
+    ids = torch.zeros(2, 10, dtype=torch.long)
+    mask = torch.zeros(2, 10, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, 10 - p.shape[1]:] = p[0]
+        mask[row, 10 - p.shape[1]:] = 1
+    images = torch.randn(2, 3, 32, 32)
+    eager = model.generate(ids, images=images, attention_mask=mask, max_new_tokens=6, greedy=True)
+    compiled = model.generate(ids, images=images, attention_mask=mask, max_new_tokens=6, greedy=True, compile=True)
+    assert torch.equal(compiled, eager)

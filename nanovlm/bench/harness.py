@@ -137,7 +137,7 @@ class NanoVLMRunner:
     def generate(self, batch: SyntheticBatch, max_new_tokens: int) -> torch.Tensor:
         m = self._inference_model()
         return m.generate(batch.input_ids, images=self._images(batch), attention_mask=batch.attention_mask,
-                          max_new_tokens=max_new_tokens, greedy=True, eos_token_id=None)
+                          max_new_tokens=max_new_tokens, greedy=True, eos_token_id=None, compile=self.compile)
 
     @torch.inference_mode()
     def logits(self, batch: SyntheticBatch) -> torch.Tensor:

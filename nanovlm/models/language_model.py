@@ -319,6 +319,44 @@ class LanguageModel(nn.Module):
         kv_cache.length = p + 1
         return F.rms_norm(x, (D,), _as(self.norm.weight, x), eps)
 
+    def static_decode_step(self, token: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           key_mask: torch.Tensor | None, cos_table: torch.Tensor, sin_table: torch.Tensor,
+                           position: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """`decode_step` with shapes that do not change from step to step, for `torch.compile`
+        (and CUDA graphs on GPU): the step's cache slot `position` and its index `step` into the
+        `decode_rope` tables are 0-dim device tensors, the new keys and values are written with
+        `index_copy_`, and attention reads the whole preallocated cache with the slots after
+        `position` masked out (they add exact zeros). k_cache, v_cache: KVCache.k / .v;
+        key_mask: KVCache.key_mask or None; cos_table, sin_table: `decode_rope`'s [B, n, 1, hd]."""
+        cos = cos_table.index_select(1, step.view(1))[:, 0]              # [B, 1, hd]
+        sin = sin_table.index_select(1, step.view(1))[:, 0]
+        B = token.shape[0]
+        cfg = self.cfg
+        D, H, Hkv = cfg.lm_hidden_dim, cfg.lm_n_heads, cfg.lm_n_kv_heads
+        hd, eps = D // H, cfg.lm_rms_eps
+        half = hd // 2
+        slots = torch.arange(k_cache.shape[3], device=token.device)
+        mask = (slots <= position)[None, None, None, :]                    # [1, 1, 1, max_len]
+        if key_mask is not None:
+            mask = mask & key_mask[:, None, None, :]
+        where = position.view(1)
+        x = F.embedding(token, self.token_embedding.weight)               # [B, D]
+        for i, block in enumerate(self.blocks):
+            attn, mlp = block.attn, block.mlp
+            h = F.rms_norm(x, (D,), _as(block.norm1.weight, x), eps)
+            qkv = F.linear(h, attn.qkv_proj.weight)
+            qk = qkv[:, :(H + Hkv) * hd].view(B, H + Hkv, hd)
+            qk = torch.addcmul(qk * cos, torch.cat([qk[..., half:], qk[..., :half]], dim=-1), sin)
+            k_cache[i].index_copy_(2, where, qk[:, H:, None].to(k_cache.dtype))
+            v_cache[i].index_copy_(2, where, qkv[:, (H + Hkv) * hd:].view(B, Hkv, 1, hd).to(v_cache.dtype))
+            y = F.scaled_dot_product_attention(qk[:, :H].reshape(B, Hkv, H // Hkv, hd), k_cache[i], v_cache[i],
+                                               attn_mask=mask)
+            x = torch.addmm(x, y.reshape(B, D), attn.out_proj.weight.t())
+            h = F.rms_norm(x, (D,), _as(block.norm2.weight, x), eps)
+            gate, up = F.linear(h, mlp.gate_up_proj.weight).split(mlp.inter_dim, dim=-1)
+            x = torch.addmm(x, F.silu(gate) * up, mlp.down_proj.weight.t())
+        return F.rms_norm(x, (D,), _as(self.norm.weight, x), eps)
+
     @staticmethod
     def _key_mask(attention_mask, B, T, past, kv_cache) -> torch.Tensor | None:
         if attention_mask is not None:

@@ -111,12 +111,17 @@ class VisionLanguageModel(nn.Module):
     def generate(self, input_ids: torch.Tensor, images: Images = None, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 32, greedy: bool = False, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-                 eos_check_interval: int = 4) -> torch.Tensor:
+                 eos_check_interval: int = 4, compile: bool = False) -> torch.Tensor:
         """New token ids [B, max_new_tokens]: one prefill, then one cached decode step per token.
 
         Prompts are left-padded. Once a row emits `eos_token_id` the rest of it is EOS; decoding
         stops when every row has finished (checked every `eos_check_interval` steps, the only
-        host sync of the loop)."""
+        host sync of the loop).
+
+        compile=True decodes with `torch.compile`d `static_decode_step` (CUDA graphs on GPU):
+        the first call per (batch size, cache length, dtype, device) compiles (tens of seconds).
+        The cache is kept between calls (CUDA graphs replay on fixed addresses) and its length
+        rounded up to a multiple of 128, so nearby prompt lengths share one compiled step."""
         B, T = input_ids.shape
         if attention_mask is not None and not bool(attention_mask[:, -1].all()):
             raise ValueError("generate needs left padding: attention_mask[:, -1] must be 1 for every row.")
@@ -124,11 +129,18 @@ class VisionLanguageModel(nn.Module):
         out = torch.full((B, max_new_tokens), fill, dtype=torch.long, device=input_ids.device)
         if max_new_tokens <= 0:
             return out
-        cache = self.decoder.new_kv_cache(B, T + max_new_tokens)
+        if compile:
+            cache = self._reused_kv_cache(B, -(-(T + max_new_tokens) // 128) * 128)
+        else:
+            cache = self.decoder.new_kv_cache(B, T + max_new_tokens)
         hidden = self.decoder(self.embed(input_ids, images), attention_mask=attention_mask, kv_cache=cache)
         logits = self.decoder.head(hidden[:, -1])                                # [B, V]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         cos, sin = self.decoder.decode_rope(cache, max_new_tokens, hidden.dtype)  # [B, n, 1, hd]
+        if compile:
+            static_step = self._compiled_decode_step(cache)
+            position = torch.tensor(T, device=input_ids.device)
+            index = torch.tensor(0, device=input_ids.device)
         for step in range(max_new_tokens):
             token = sample_next_token(logits, greedy, temperature, top_k, top_p)  # [B]
             if eos_token_id is not None:
@@ -139,9 +151,47 @@ class VisionLanguageModel(nn.Module):
                 break
             if eos_token_id is not None and (step + 1) % eos_check_interval == 0 and bool(finished.all()):
                 break
-            hidden = self.decoder(token, kv_cache=cache, rope=(cos[:, step], sin[:, step]))   # [B, D]
+            if compile:
+                hidden = static_step(token, cache.k, cache.v, cache.key_mask, cos, sin, position, index)
+                position += 1
+                index += 1
+            else:
+                hidden = self.decoder(token, kv_cache=cache, rope=(cos[:, step], sin[:, step]))   # [B, D]
             logits = self.decoder.head(hidden)
         return out
+
+    def _reused_kv_cache(self, batch_size: int, max_len: int):
+        """One KV cache per (batch size, length, dtype, device), kept on the model for compiled
+        decoding; emptied here (slots past the written ones are masked, so no zeroing)."""
+        weight = self.decoder.token_embedding.weight
+        key = (batch_size, max_len, weight.dtype, weight.device)
+        caches = self.__dict__.setdefault("_kv_caches", {})
+        if key not in caches:
+            caches.clear()   # one shape at a time: the memory of a cache is the model's to hold
+            caches[key] = self.decoder.new_kv_cache(batch_size, max_len)
+        cache = caches[key]
+        cache.length, cache.key_mask = 0, None
+        cache.next_position.zero_()
+        return cache
+
+    def _compiled_decode_step(self, cache):
+        """`decoder.static_decode_step` compiled once per model; on CUDA with CUDA graphs, whose
+        replays need the cache tensors at fixed addresses (marked static here)."""
+        cuda = cache.k.device.type == "cuda"
+        if cuda:
+            for tensor in (cache.k, cache.v, cache.key_mask):
+                if tensor is not None:
+                    torch._dynamo.mark_static_address(tensor)
+        if getattr(self, "_static_step", None) is None:
+            self._static_step = torch.compile(self.decoder.static_decode_step, fullgraph=True, dynamic=False,
+                                              mode="reduce-overhead" if cuda else None)
+        if not cuda:
+            return self._static_step
+
+        def step(*args):
+            torch.compiler.cudagraph_mark_step_begin()
+            return self._static_step(*args).clone()   # a replay overwrites its outputs
+        return step
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
