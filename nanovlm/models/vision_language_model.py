@@ -72,7 +72,7 @@ class VisionLanguageModel(nn.Module):
                         "image embeddings. Put mp_image_token_length placeholders per image in the prompt.")
             images = [im for im in images if im.shape[0] > 0]
             images = torch.cat(images) if images else None
-        else:
+        elif not torch.compiler.is_compiling():   # the check reads a count back (a graph break)
             count = int(is_image.sum())
             n_images = 0 if images is None else images.shape[0]
             if count != n_images * per_image:
@@ -98,10 +98,12 @@ class VisionLanguageModel(nn.Module):
         hidden = self.decoder(self.embed(input_ids, images), attention_mask=attention_mask)
         if targets is None:
             return self.decoder.head(hidden), None
-        if return_logits:
+        # Under torch.compile the selection's data-dependent shape would break the graph.
+        if return_logits or torch.compiler.is_compiling():
             logits = self.decoder.head(hidden)
-            return logits, F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                           ignore_index=-100)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                   ignore_index=-100)
+            return (logits if return_logits else None), loss
         supervised = targets != -100
         logits = self.decoder.head(hidden[supervised])                          # [n_supervised, V]
         return None, F.cross_entropy(logits.float(), targets[supervised])
