@@ -184,3 +184,20 @@ def test_gpu_check_rehearses_on_cpu_and_reports_every_measurement(tmp_path, caps
                                       "versus_reference"}
     assert report["results"]["train_float32_eager"]["mfu"] > 0
     assert "| decode_bs1 | decode_tokens_per_s |" in capsys.readouterr().out
+
+
+def test_compare_writes_every_measure_with_ratio_and_the_decode_bound(tmp_path):
+    import json
+
+    from nanovlm.bench import compare
+
+    out = tmp_path / "compare.json"
+    compare.main(["--configs", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1", "--json", str(out)])
+    result = json.loads(out.read_text())["configs"]["tiny"]
+    assert result["check"]["greedy_tokens_identical"] and result["check"]["logits_max_abs_diff"] <= 1e-4
+    assert set(result["measures"]) == {"train_tokens_per_s", "train_sft_tokens_per_s", "prefill_tokens_per_s",
+                                       "decode_tokens_per_s"}
+    for measure in result["measures"].values():
+        assert measure["ours"] > 0 and measure["reference"] > 0
+        assert math.isclose(measure["ratio"], measure["ours"] / measure["reference"], rel_tol=1e-6)
+    assert result["decode_memory_bound"]["tokens_per_s"] > 0
