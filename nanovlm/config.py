@@ -272,7 +272,7 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    report_interval: int = 10             # steps between ray.train.report calls
+    report_interval: int = 10             # steps between metric reports to Ray (one is skipped while one waits)
     checkpoints_to_keep: int = 2
     max_failures: int = 0
     storage_path: Optional[str] = None    # Ray Train storage; default under ~/.nanovlm/ray_results

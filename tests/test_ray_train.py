@@ -162,3 +162,44 @@ def test_a_stopped_run_resumes_from_its_storage_path(fault_run, store):
     second = run_training(vlm, longer, preset_name="tiny", run_name="fault", tracking_uri=store)
     assert second["resumed"] and second["steps"] == STEPS + 1 and second["steps_this_run"] == 1
     assert second["mlflow_run_id"] == first["mlflow_run_id"]  # one MLflow run per training run
+
+
+def test_report_thread_hands_reports_to_ray_in_order_without_blocking_the_caller(monkeypatch):
+    import threading
+
+    import ray.train
+
+    from nanovlm.distributed.worker import ReportThread
+
+    ray_reads = threading.Event()  # stands for the controller's poll that frees Ray's one-slot queue
+    handed = []
+
+    def report(metrics, checkpoint=None, **kwargs):
+        ray_reads.wait(timeout=60)
+        handed.append(metrics["step"])
+
+    monkeypatch.setattr(ray.train, "report", report)
+    reporter = ReportThread()
+    for step in (2, 4, 6):
+        reporter.submit({"step": step})  # returns at once although Ray has not read anything
+    assert reporter.busy() and handed == []
+    ray_reads.set()
+    reporter.wait()
+    assert handed == [2, 4, 6] and not reporter.busy()
+    reporter.stop()
+
+
+def test_report_thread_raises_ray_errors_in_the_training_thread(monkeypatch):
+    import ray.train
+
+    from nanovlm.distributed.worker import ReportThread
+
+    def report(metrics, checkpoint=None, **kwargs):
+        raise ValueError("metrics must be plain numbers")
+
+    monkeypatch.setattr(ray.train, "report", report)
+    reporter = ReportThread()
+    reporter.submit({"step": 1})
+    with pytest.raises(ValueError, match="plain numbers"):
+        reporter.wait()
+    reporter.stop()

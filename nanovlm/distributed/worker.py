@@ -16,14 +16,24 @@ Reports: every `report_interval` steps, after every evaluation, and with every c
 Every rank calls `ray.train.report` at the same steps (Train V2 uses it as a barrier); only
 rank 0 attaches the `Checkpoint` (the loop's step directory: model.safetensors, config.json,
 train_state.pt with optimizer/scheduler/RNG/data position).
+
+A report waits until Train's controller has read the previous one (it polls each worker every
+RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so reports are made on a thread of their own, in order, and
+training goes on meanwhile. Checkpoint reports are waited for (the checkpoint is persisted before
+the next step, as with a plain call). A metric-only report that falls due while an earlier one is
+still waiting is skipped, on every rank alike (the ranks agree through the all-reduce of the
+loss), so reports reach Ray at most as often as it reads them and never pile up. Evaluation
+reports are never skipped. MLflow gets every step's metrics from rank 0 regardless.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -86,6 +96,8 @@ class RayTrainHooks(TrainHooks):
         self._pending: dict[str, float] = {}  # this step's metrics, waiting for the report
         self._download_dir: Optional[tempfile.TemporaryDirectory] = None
         self._ray_checkpoint = ray.train.get_checkpoint()
+        self._reporter = ReportThread()
+        self.reports_skipped = 0
         if self.rank == 0 and tracking_spec is not None:
             self._start_mlflow()
 
@@ -120,9 +132,13 @@ class RayTrainHooks(TrainHooks):
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         self._maybe_kill_self(step)
         metrics = dict(metrics)
+        reporter_busy = self._reporter.busy()
         if self.world_size > 1:
             # The loop's loss is this rank's; report the mean over ranks, the loss of the global batch.
-            metrics["loss"] = _mean_over_ranks(metrics["loss"], self.device())
+            # The same all-reduce counts the ranks whose previous report is still waiting.
+            loss_sum, busy_ranks = _sum_over_ranks([metrics["loss"], float(reporter_busy)], self.device())
+            metrics["loss"] = loss_sum / self.world_size
+            reporter_busy = busy_ranks > 0
         self._pending = metrics
         if self._mlflow is not None:
             self._mlflow.log_metrics(metrics, step)
@@ -130,7 +146,10 @@ class RayTrainHooks(TrainHooks):
         if self._is_eval_step(step) or self._is_checkpoint_step(step):
             return
         if step % self.train_cfg.report_interval == 0:
-            self._report(step, self._pending)
+            if reporter_busy:
+                self.reports_skipped += 1
+            else:
+                self._report(step, self._pending)
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         if self._mlflow is not None:
@@ -147,9 +166,15 @@ class RayTrainHooks(TrainHooks):
             checkpoint = Checkpoint.from_directory(str(checkpoint_dir))
             if self._mlflow is not None:
                 checkpoint.set_metadata({MLFLOW_RUN_ID_KEY: self._mlflow.run_id, "step": step})
-        self._report(step, {**metrics, **self._pending}, checkpoint)
+        # Every rank waits: the checkpoint is persisted before the next step, as with a plain call.
+        self._report(step, {**metrics, **self._pending}, checkpoint, wait=True)
 
     def on_end(self, summary: dict[str, Any]) -> None:
+        # Train finishes a worker once its function returns: hand over every report first.
+        self._reporter.wait()
+        if self.reports_skipped:
+            logger.info("Rank %d skipped %d metric-only reports (Ray had not read the previous one yet).",
+                        self.rank, self.reports_skipped)
         if self._mlflow is None:
             return
         output_dir = Path(self.train_cfg.output_dir)
@@ -163,6 +188,7 @@ class RayTrainHooks(TrainHooks):
     # ------------------------------------------------------------------ helpers
 
     def close(self, status: str) -> None:
+        self._reporter.stop()
         if self._mlflow is not None:
             if self._owns_mlflow_run:
                 self._mlflow.end(status)
@@ -196,13 +222,13 @@ class RayTrainHooks(TrainHooks):
     def _is_checkpoint_step(self, step: int) -> bool:
         return step % self.train_cfg.checkpoint_interval == 0 or step == self.train_cfg.max_training_steps
 
-    def _report(self, step: int, metrics: dict[str, float], checkpoint=None) -> None:
-        import ray.train
-
+    def _report(self, step: int, metrics: dict[str, float], checkpoint=None, wait: bool = False) -> None:
         plain = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         plain["step"] = step
         kwargs = {"checkpoint_dir_name": f"step_{step:06d}"} if checkpoint is not None else {}
-        ray.train.report(plain, checkpoint=checkpoint, **kwargs)
+        self._reporter.submit(plain, checkpoint=checkpoint, **kwargs)
+        if wait:
+            self._reporter.wait()
 
     def _start_mlflow(self) -> None:
         spec = self._spec or {}
@@ -211,6 +237,15 @@ class RayTrainHooks(TrainHooks):
         if run_id is None and self._ray_checkpoint is not None:
             run_id = self._ray_checkpoint.get_metadata().get(MLFLOW_RUN_ID_KEY)
             self._owns_mlflow_run = run_id is not None
+        if run_id is not None:
+            # Open the store now: importing MLflow and opening it takes about a second, which
+            # would otherwise stall training at the first flush. The driver checked the store from
+            # its node; this also tells early whether this worker's node reaches it.
+            try:
+                tracking.check_tracking_store(uri)
+            except tracking.TrackingError as exc:
+                logger.warning("Rank 0 cannot reach the MLflow store yet (metrics stay buffered and are "
+                               "retried at each flush): %s", exc)
         if run_id is None:
             from nanovlm.config import configs_to_dict
 
@@ -229,10 +264,76 @@ class RayTrainHooks(TrainHooks):
         self._mlflow = tracking.TrackingRun(run_id, uri, flush_every=self.train_cfg.log_interval)
 
 
-def _mean_over_ranks(value: float, device: torch.device) -> float:
+class ReportThread:
+    """Calls `ray.train.report` on a thread of its own, one report at a time, in submission order.
+
+    `ray.train.report` returns once Ray's one-slot result queue has taken the report, which
+    happens when the controller has read the previous one; the training thread goes on meanwhile.
+    An error from Ray is raised again in the training thread at its next `submit`, `wait` or `busy`.
+    """
+
+    def __init__(self):
+        self._todo: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)
+        self._submitted = 0
+        self._finished = 0
+        self._error: Optional[BaseException] = None
+        self._thread: Optional[threading.Thread] = None
+
+    def submit(self, metrics: dict[str, float], **report_kwargs) -> None:
+        self._raise_error()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="nanovlm-ray-report", daemon=True)
+            self._thread.start()
+        with self._lock:
+            self._submitted += 1
+        self._todo.put((metrics, report_kwargs))
+
+    def busy(self) -> bool:
+        """True while a submitted report has not been taken by Ray yet."""
+        self._raise_error()
+        with self._lock:
+            return self._finished < self._submitted
+
+    def wait(self) -> None:
+        """Until every submitted report has been handed to Ray."""
+        with self._done:
+            self._done.wait_for(lambda: self._finished >= self._submitted)
+        self._raise_error()
+
+    def stop(self) -> None:
+        """Let the thread end after its current report (it is a daemon: a report blocked on a
+        controller that is gone does not keep the process alive)."""
+        if self._thread is not None:
+            self._todo.put(None)
+            self._thread = None
+
+    def _run(self) -> None:
+        import ray.train
+
+        while (item := self._todo.get()) is not None:
+            metrics, report_kwargs = item
+            try:
+                if self._error is None:
+                    ray.train.report(metrics, **report_kwargs)
+            except BaseException as exc:  # noqa: BLE001 - handed to the training thread
+                self._error = exc
+            finally:
+                with self._done:
+                    self._finished += 1
+                    self._done.notify_all()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
     if not (dist.is_available() and dist.is_initialized()):
-        return value
+        return list(values)
     on = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    tensor = torch.tensor([value], dtype=torch.float64, device=on)
+    tensor = torch.tensor(values, dtype=torch.float64, device=on)
     dist.all_reduce(tensor)
-    return float(tensor.item()) / dist.get_world_size()
+    return tensor.tolist()
