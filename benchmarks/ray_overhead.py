@@ -1,12 +1,14 @@
 """Ray Train overhead: tokens/s of a 1-worker Ray Train run divided by the bare loop, same config, one process.
 
-    python benchmarks/ray_overhead.py [--preset tiny] [--steps 60] [--warmup 10] [--gpu] [--set f=v ...]
+    python benchmarks/ray_overhead.py [--preset tiny] [--steps 60] [--warmup 10] [--threads N] [--gpu] [--set f=v ...]
 
 Both runs train the same config for `--steps` steps. Throughput is measured on the wall clock
 between the end of step `warmup` and the end of the last step, so it includes everything the
 Ray path adds per step (report barriers, the MLflow logging of rank 0, the DDP wrapper, the
 reduction of the loss) and excludes start-up (cluster, worker group, dataset, first steps).
-The bare loop gets the same CPU budget as the Ray worker (`cpus_per_worker` = torch's threads).
+The bare loop gets the same CPU budget as the Ray worker (`cpus_per_worker` = torch's threads =
+`--threads`, by default all cores but one: Ray's own ~10 processes wake often and, with every core
+training, preempt the training threads; on 2 cores that cost ~12% of the compute rate).
 
 Bare-loop step ends come from a hook; Ray step ends come from the timestamps MLflow stores with
 each step's metrics (logged in `on_step`, before the report). The bare loop runs before and after
@@ -82,10 +84,15 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the measurement")
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                        help="torch threads of both runs = the worker's cpus_per_worker (default: all cores "
+                             "but one, which Ray's own processes need; with every core training they preempt "
+                             "it: 0.83-0.86 instead of 0.96-0.97 on 2 cores)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     work = Path(tempfile.mkdtemp(prefix="ray-overhead-"))
+    torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     vlm, train_cfg = preset(args.preset)
     vlm, train_cfg = apply_overrides(vlm, train_cfg, [
