@@ -70,8 +70,7 @@ def _as(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE: x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1]."""
-    half = x.shape[-1] // 2
-    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)   # [x2, x1]
+    swapped = torch.roll(x, x.shape[-1] // 2, dims=-1)   # [x2, x1]: one kernel (cat of two slices took two)
     return torch.addcmul(x * cos, swapped, sin_signed)
 
 
@@ -304,7 +303,7 @@ class LanguageModel(nn.Module):
             h = F.rms_norm(x, (D,), _as(block.norm1.weight, x), eps)
             qkv = F.linear(h, attn.qkv_proj.weight)                          # [B, (H + 2 Hkv) hd]
             qk = qkv[:, :(H + Hkv) * hd].view(B, H + Hkv, hd)                 # q and k heads, rotated together
-            qk = torch.addcmul(qk * cos, torch.cat([qk[..., half:], qk[..., :half]], dim=-1), sin)
+            qk = torch.addcmul(qk * cos, torch.roll(qk, half, dims=-1), sin)
             q = qk[:, :H]
             kv_cache.k[i, :, :, p] = qk[:, H:]
             kv_cache.v[i, :, :, p] = qkv[:, (H + Hkv) * hd:].view(B, Hkv, hd)
@@ -346,7 +345,7 @@ class LanguageModel(nn.Module):
             h = F.rms_norm(x, (D,), _as(block.norm1.weight, x), eps)
             qkv = F.linear(h, attn.qkv_proj.weight)
             qk = qkv[:, :(H + Hkv) * hd].view(B, H + Hkv, hd)
-            qk = torch.addcmul(qk * cos, torch.cat([qk[..., half:], qk[..., :half]], dim=-1), sin)
+            qk = torch.addcmul(qk * cos, torch.roll(qk, half, dims=-1), sin)
             k_cache[i].index_copy_(2, where, qk[:, H:, None].to(k_cache.dtype))
             v_cache[i].index_copy_(2, where, qkv[:, (H + Hkv) * hd:].view(B, Hkv, 1, hd).to(v_cache.dtype))
             y = F.scaled_dot_product_attention(qk[:, :H].reshape(B, Hkv, H // Hkv, hd), k_cache[i], v_cache[i],
