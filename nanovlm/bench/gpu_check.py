@@ -30,6 +30,7 @@ import torch
 from nanovlm.bench.flops import param_counts
 from nanovlm.bench.harness import (
     InferenceSpec, NanoVLMRunner, TrainSpec, flat, matmul_peak_flops, measure_inference, measure_training,
+    synthetic_batch, timed,
 )
 from nanovlm.config import preset
 
@@ -120,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     def train(compile: bool) -> dict[str, float]:
         runner = ours(compile)
         if compile:  # the first steps compile; they are timed separately, not counted
-            from nanovlm.bench.harness import synthetic_batch, timed
             batch = synthetic_batch(cfg, train_spec.batch_size, train_spec.text_tokens, train_spec.n_images, device)
             compile_s = timed(lambda: runner.train_step(batch), device)
         res = measure_training([runner], cfg, train_spec, peak.get("measured", 1.0), warmup, repeats)[runner.name]
@@ -135,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
         runner = ours(compile)
         out = {}
         if compile:  # the first call compiles (and records the CUDA graph); timed separately
-            from nanovlm.bench.harness import synthetic_batch, timed
             batch = synthetic_batch(cfg, spec.batch_size, spec.prompt_tokens, spec.n_images, device)
             out["compile_first_call_s"] = timed(lambda: runner.generate(batch, spec.new_tokens), device)
             eager = NanoVLMRunner(runner.model, dtype=dtype)

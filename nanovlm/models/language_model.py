@@ -287,36 +287,20 @@ class LanguageModel(nn.Module):
         for the decode loop's per-token cost on CPU and small GPUs: 2-D activations, weights used
         directly instead of module calls, the residual adds fused into `addmm`, no mask or
         position bookkeeping. cos, sin: this step's slice of `decode_rope`, [B, 1, head_dim]."""
-        B = token.shape[0]
         p = kv_cache.length
         if p + 1 > kv_cache.max_len:
             raise ValueError(f"KV cache holds {kv_cache.max_len} positions; all are used.")
-        cfg = self.cfg
-        D, H, Hkv = cfg.lm_hidden_dim, cfg.lm_n_heads, cfg.lm_n_kv_heads
-        hd, eps = D // H, cfg.lm_rms_eps
-        half = hd // 2
         # Padded prompts: each row attends to its real tokens (and every generated one).
         mask = None if kv_cache.key_mask is None else kv_cache.key_mask[:, None, None, :p + 1]
-        x = F.embedding(token, self.token_embedding.weight)               # [B, D]
-        for i, block in enumerate(self.blocks):
-            attn, mlp = block.attn, block.mlp
-            h = F.rms_norm(x, (D,), _as(block.norm1.weight, x), eps)
-            qkv = F.linear(h, attn.qkv_proj.weight)                          # [B, (H + 2 Hkv) hd]
-            qk = qkv[:, :(H + Hkv) * hd].view(B, H + Hkv, hd)                 # q and k heads, rotated together
-            qk = torch.addcmul(qk * cos, torch.roll(qk, half, dims=-1), sin)
-            q = qk[:, :H]
-            kv_cache.k[i, :, :, p] = qk[:, H:]
-            kv_cache.v[i, :, :, p] = qkv[:, (H + Hkv) * hd:].view(B, Hkv, hd)
-            # Query heads of a KV group share its keys: [B, Hkv, n_groups, hd] against [B, Hkv, L, hd].
-            y = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, hd), kv_cache.k[i, :, :, :p + 1],
-                                               kv_cache.v[i, :, :, :p + 1], attn_mask=mask)
-            x = torch.addmm(x, y.reshape(B, D), attn.out_proj.weight.t())
-            h = F.rms_norm(x, (D,), _as(block.norm2.weight, x), eps)
-            gate, up = F.linear(h, mlp.gate_up_proj.weight).split(mlp.inter_dim, dim=-1)
-            gated = F.silu(gate) * up
-            x = torch.addmm(x, gated, mlp.down_proj.weight.t())
+
+        def store(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            kv_cache.k[i, :, :, p] = k
+            kv_cache.v[i, :, :, p] = v
+            return kv_cache.k[i, :, :, :p + 1], kv_cache.v[i, :, :, :p + 1]
+
+        hidden = self._decode_blocks(token, cos, sin, mask, store)
         kv_cache.length = p + 1
-        return F.rms_norm(x, (D,), _as(self.norm.weight, x), eps)
+        return hidden
 
     def static_decode_step(self, token: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            key_mask: torch.Tensor | None, cos_table: torch.Tensor, sin_table: torch.Tensor,
@@ -329,26 +313,38 @@ class LanguageModel(nn.Module):
         key_mask: KVCache.key_mask or None; cos_table, sin_table: `decode_rope`'s [B, n, 1, hd]."""
         cos = cos_table.index_select(1, step.view(1))[:, 0]              # [B, 1, hd]
         sin = sin_table.index_select(1, step.view(1))[:, 0]
-        B = token.shape[0]
-        cfg = self.cfg
-        D, H, Hkv = cfg.lm_hidden_dim, cfg.lm_n_heads, cfg.lm_n_kv_heads
-        hd, eps = D // H, cfg.lm_rms_eps
-        half = hd // 2
         slots = torch.arange(k_cache.shape[3], device=token.device)
         mask = (slots <= position)[None, None, None, :]                    # [1, 1, 1, max_len]
         if key_mask is not None:
             mask = mask & key_mask[:, None, None, :]
         where = position.view(1)
+
+        def store(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            k_cache[i].index_copy_(2, where, k[:, :, None].to(k_cache.dtype))
+            v_cache[i].index_copy_(2, where, v[:, :, None].to(v_cache.dtype))
+            return k_cache[i], v_cache[i]
+
+        return self._decode_blocks(token, cos, sin, mask, store)
+
+    def _decode_blocks(self, token: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                       store) -> torch.Tensor:
+        """The blocks of one decode step, token [B] -> final hidden [B, D]. `store(i, k, v)` puts
+        block i's new keys and values ([B, Hkv, hd]) in the cache and returns the keys and values
+        to attend to ([B, Hkv, L, hd]); `mask` says which of them each row may see."""
+        B = token.shape[0]
+        cfg = self.cfg
+        D, H, Hkv = cfg.lm_hidden_dim, cfg.lm_n_heads, cfg.lm_n_kv_heads
+        hd, eps = D // H, cfg.lm_rms_eps
         x = F.embedding(token, self.token_embedding.weight)               # [B, D]
         for i, block in enumerate(self.blocks):
             attn, mlp = block.attn, block.mlp
             h = F.rms_norm(x, (D,), _as(block.norm1.weight, x), eps)
-            qkv = F.linear(h, attn.qkv_proj.weight)
-            qk = qkv[:, :(H + Hkv) * hd].view(B, H + Hkv, hd)
-            qk = torch.addcmul(qk * cos, torch.roll(qk, half, dims=-1), sin)
-            k_cache[i].index_copy_(2, where, qk[:, H:, None].to(k_cache.dtype))
-            v_cache[i].index_copy_(2, where, qkv[:, (H + Hkv) * hd:].view(B, Hkv, 1, hd).to(v_cache.dtype))
-            y = F.scaled_dot_product_attention(qk[:, :H].reshape(B, Hkv, H // Hkv, hd), k_cache[i], v_cache[i],
+            qkv = F.linear(h, attn.qkv_proj.weight)                          # [B, (H + 2 Hkv) hd]
+            qk = qkv[:, :(H + Hkv) * hd].view(B, H + Hkv, hd)                 # q and k heads, rotated together
+            qk = torch.addcmul(qk * cos, torch.roll(qk, hd // 2, dims=-1), sin)
+            keys, values = store(i, qk[:, H:], qkv[:, (H + Hkv) * hd:].view(B, Hkv, hd))
+            # Query heads of a KV group share its keys: [B, Hkv, n_groups, hd] against [B, Hkv, L, hd].
+            y = F.scaled_dot_product_attention(qk[:, :H].reshape(B, Hkv, H // Hkv, hd), keys, values,
                                                attn_mask=mask)
             x = torch.addmm(x, y.reshape(B, D), attn.out_proj.weight.t())
             h = F.rms_norm(x, (D,), _as(block.norm2.weight, x), eps)
