@@ -39,11 +39,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 
 from nanovlm import tracking
 from nanovlm.config import TrainConfig, VLMConfig, configs_from_dict
 from nanovlm.training.hooks import TrainHooks
+from nanovlm.training.metrics import global_sum
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class RayTrainHooks(TrainHooks):
         if self.world_size > 1:
             # The loop's loss is this rank's; report the mean over ranks, the loss of the global batch.
             # The same all-reduce counts the ranks whose previous report is still waiting.
-            loss_sum, busy_ranks = _sum_over_ranks([metrics["loss"], float(reporter_busy)], self.device())
+            loss_sum, busy_ranks = global_sum([metrics["loss"], float(reporter_busy)], self.device())
             metrics["loss"] = loss_sum / self.world_size
             reporter_busy = busy_ranks > 0
         self._pending = metrics
@@ -328,12 +328,3 @@ class ReportThread:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
-
-
-def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return list(values)
-    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    tensor = torch.tensor(values, dtype=torch.float64, device=on)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
