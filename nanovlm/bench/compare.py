@@ -30,7 +30,7 @@ import torch
 from nanovlm.bench.flops import param_counts
 from nanovlm.bench.harness import (
     InferenceSpec, NanoVLMRunner, Stat, TrainSpec, matmul_peak_flops, measure_inference, measure_training,
-    synthetic_batch,
+    synthetic_batch, timed,
 )
 from nanovlm.bench.reference import ReferenceRunner, build_reference
 from nanovlm.config import VLMConfig, preset
@@ -101,12 +101,7 @@ def decode_floor_tokens_per_s(model: torch.nn.Module, repeats: int = 50) -> dict
 
     for _ in range(5):
         one_token()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        one_token()
-        times.append(time.perf_counter() - start)
-    seconds = Stat.of(times).median
+    seconds = Stat.of([timed(one_token, torch.device("cpu")) for _ in range(repeats)]).median
     mbytes = sum(w.numel() * w.element_size() for w in weights) / 1e6
     return {"tokens_per_s": 1.0 / seconds, "weight_mb_per_token": mbytes, "gb_per_s": mbytes / 1e3 / seconds}
 
