@@ -231,9 +231,74 @@ def test_static_decode_step_equals_the_decode_step(model):
             token = dec.head(expected).argmax(-1)
 
 
-@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
-                    reason="torch.compile on CPU needs a C++ compiler")
-def test_compiled_generation_equals_eager_generation(model):
+NO_COMPILER = shutil.which("c++") is None and shutil.which("g++") is None
+
+
+@pytest.mark.skipif(NO_COMPILER, reason="the fused CPU decode step is built with a C++ compiler")
+def test_fused_cpu_decode_step_equals_the_decode_step(model):
+    # The C++ step (fused_decode.cpp) against the PyTorch one, on a left-padded batch: the same
+    # hidden states and the same keys/values written to the cache, step after step.
+    from nanovlm.models import fused_decode
+
+    ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 8]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    dec = model.decoder
+    fused = fused_decode.fused_decoder(dec)
+    assert fused is not None
+    with torch.no_grad():
+        caches = [dec.new_kv_cache(2, 16), dec.new_kv_cache(2, 16)]
+        for cache in caches:
+            dec(ids, attention_mask=mask, kv_cache=cache)
+        cos, sin = dec.decode_rope(caches[0], 4, torch.float32)
+        token = torch.tensor([9, 10])
+        for step in range(4):
+            expected = dec.decode_step(token, caches[0], cos[:, step], sin[:, step])
+            got = fused.step(token, caches[1].k, caches[1].v, caches[1].key_mask, caches[1].length,
+                             cos[:, :, 0].contiguous(), sin[:, :, 0].contiguous(), step)
+            caches[1].length += 1
+            assert (got - expected).abs().max().item() <= 1e-5, f"step {step}"
+            assert (caches[1].k - caches[0].k).abs().max().item() <= 1e-5
+            assert (caches[1].v - caches[0].v).abs().max().item() <= 1e-5
+            token = dec.head(expected).argmax(-1)
+
+
+def test_fused_cpu_decode_step_refuses_a_full_cache_and_bad_tokens(model):
+    from nanovlm.models import fused_decode
+
+    dec = model.decoder
+    fused = fused_decode.fused_decoder(dec)
+    if fused is None:
+        pytest.skip("no C++ toolchain")
+    cache = dec.new_kv_cache(1, 4)
+    cos, sin = dec.decode_rope(cache, 1, torch.float32)
+    cos, sin = cos[:, :, 0].contiguous(), sin[:, :, 0].contiguous()
+    with pytest.raises(RuntimeError, match="KV cache holds 4 positions"):
+        fused.step(torch.tensor([1]), cache.k, cache.v, None, 4, cos, sin, 0)
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        fused.step(torch.tensor([10_000]), cache.k, cache.v, None, 0, cos, sin, 0)
+
+
+def test_fused_decode_falls_back_when_it_cannot_be_built(monkeypatch, caplog):
+    import torch.utils.cpp_extension
+    from nanovlm.models import fused_decode
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(fused_decode, "_extension", None)
+    monkeypatch.setattr(fused_decode, "_build_failed", False)
+    assert fused_decode.extension() is None
+    assert "falls back to torch.compile" in caplog.text
+    assert "Ninja is required" in caplog.text
+
+
+@pytest.mark.skipif(NO_COMPILER, reason="torch.compile and the fused CPU step need a C++ compiler")
+@pytest.mark.parametrize("step", ["fused C++", "torch.compile"])
+def test_compiled_generation_equals_eager_generation(model, monkeypatch, step):
+    if step == "torch.compile":   # as where the C++ step cannot be built
+        from nanovlm.models import fused_decode
+        monkeypatch.setattr(fused_decode, "fused_decoder", lambda decoder: None)
     prompts = [_prompt(n, seed=n) for n in (3, 6)]
     ids = torch.zeros(2, 10, dtype=torch.long)
     mask = torch.zeros(2, 10, dtype=torch.long)
