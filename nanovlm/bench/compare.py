@@ -9,8 +9,10 @@ training tokens/s, prefill tokens/s (prompt positions / time to first token) and
 tokens/s at batch 1 with 64 new tokens. Ratios are ours / reference (> 1 = ours faster).
 Training runs twice: every text token supervised, and only the answer (the last 16 of 48 text
 tokens; how a VLM is instruction-tuned, and where our head-on-supervised-positions saves work).
-Both sides use fused AdamW (HF's Trainer default). --compile adds ours under torch.compile
-against the same eager reference. Also prints the memory-bandwidth bound of batch-1 decoding.
+Both sides use fused AdamW (HF's Trainer default). --compile adds ours compiled (torch.compile
+for training; generate(compile=True), on CPU the fused C++ decode step, for decoding) against
+the same eager reference. Also prints the memory-bandwidth bound of batch-1 decoding
+and the compute bound of a training step (its FLOPs at the best matmul rate of the run).
 """
 
 from __future__ import annotations
@@ -106,6 +108,30 @@ def decode_floor_tokens_per_s(model: torch.nn.Module, repeats: int = 50) -> dict
     return {"tokens_per_s": 1.0 / seconds, "weight_mb_per_token": mbytes, "gb_per_s": mbytes / 1e3 / seconds}
 
 
+def train_compute_bound(runners: dict[str, object], batch, measured: dict, peak: float) -> dict[str, float]:
+    """The compute bound of a training step, as `decode_floor_tokens_per_s` is decoding's: the
+    FLOPs each side's step executes (matrix products and attention, forward and backward,
+    counted by FlopCounterMode) and the time ours would take at `peak`, the best square-matmul
+    rate of this run. reference step time / that = the highest ours/reference any float32
+    implementation of our step reaches here; achieved FLOP/s shows how close each side runs
+    to the peak (both call the same MKL kernels)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tokens = batch.batch_size * batch.seq_len
+    out = {"peak_flops": peak}
+    for name, runner in runners.items():
+        with FlopCounterMode(display=False) as counter:
+            runner.train_step(batch)
+        flops = counter.get_total_flops()
+        step_s = tokens / measured[name]
+        out[f"{name}_gflop_per_step"] = flops / 1e9
+        out[f"{name}_step_s"] = step_s
+        out[f"{name}_achieved_flops"] = flops / step_s
+    out["ours_floor_step_s"] = out["ours_gflop_per_step"] * 1e9 / peak
+    out["ceiling_ratio"] = out["reference_step_s"] / out["ours_floor_step_s"]
+    return out
+
+
 def _paired(res: dict, metric: str, ours: str = "ours", target: float | None = None) -> dict:
     o, r = res[ours][metric], res["reference"][metric]
     # Paired: each round's ours/reference ratio (measured seconds apart), then their median;
@@ -135,14 +161,19 @@ def compare_config(name: str, cfg: VLMConfig, s: CompareSettings) -> dict:
     if s.compile:
         runners.append(NanoVLMRunner(build_pair(cfg)[0], compile=True, name="ours_compiled"))
     peak = matmul_peak_flops("cpu", "float32")
-    measures = {}
+    best_peak = max(peak, *(matmul_peak_flops("cpu", "float32", size=n) for n in (512, 2048)))
+    measures, train_bounds = {}, {}
     for key, answer in (("train_tokens_per_s", None), ("train_sft_tokens_per_s", s.train_answer_tokens)):
         logger.info("%s: %s", name, key)
-        train = measure_training(runners, cfg, TrainSpec(s.train_batch, s.train_text_tokens, answer_tokens=answer),
-                                 peak, warmup=s.warmup, repeats=s.repeats, memory=False)
+        spec = TrainSpec(s.train_batch, s.train_text_tokens, answer_tokens=answer)
+        train = measure_training(runners, cfg, spec, peak, warmup=s.warmup, repeats=s.repeats, memory=False)
         measures[key] = _paired(train, "tokens_per_s", target=TARGETS["train_tokens_per_s"])
         if s.compile:
             measures[f"{key}_compiled"] = _paired(train, "tokens_per_s", "ours_compiled", TARGETS["train_tokens_per_s"])
+        batch = synthetic_batch(cfg, spec.batch_size, spec.text_tokens, spec.n_images, answer_tokens=answer)
+        train_bounds[key] = train_compute_bound({"ours": t_ours, "reference": t_ref}, batch,
+                                                {"ours": measures[key]["ours"], "reference": measures[key]["reference"]},
+                                                best_peak)
     inference = [ours, ref]
     if s.compile:
         inference.append(NanoVLMRunner(ours_model, compile=True, name="ours_compiled"))
@@ -159,7 +190,7 @@ def compare_config(name: str, cfg: VLMConfig, s: CompareSettings) -> dict:
     floor = decode_floor_tokens_per_s(ours_model)
     floor["ceiling_ratio"] = floor["tokens_per_s"] / measures["decode_tokens_per_s"]["reference"]
     return {"params": param_counts(cfg)["total"], "check": check, "measures": measures,
-            "decode_memory_bound": floor, "matmul_peak_flops": peak}
+            "decode_memory_bound": floor, "train_compute_bound": train_bounds, "matmul_peak_flops": peak}
 
 
 def free_cores() -> int:
@@ -182,6 +213,13 @@ def markdown(results: dict) -> str:
                      f"the matrix-vector products over them alone run at {f['tokens_per_s']:.0f} tokens/s "
                      f"({f['gb_per_s']:.1f} GB/s), so no implementation that reads them once per token "
                      f"decodes faster than {f['ceiling_ratio']:.2f}x the reference here.")
+        for key, b in r.get("train_compute_bound", {}).items():
+            lines.append(f"{name} {key}: a training step executes {b['ours_gflop_per_step']:.1f} GFLOP in matrix "
+                         f"products and attention (the reference's: {b['reference_gflop_per_step']:.1f}); at the best "
+                         f"matmul rate measured here ({b['peak_flops'] / 1e9:.0f} GFLOP/s) that alone takes "
+                         f"{b['ours_floor_step_s'] * 1e3:.0f} ms, the reference's step {b['reference_step_s'] * 1e3:.0f} "
+                         f"ms: a ceiling of {b['ceiling_ratio']:.2f}x. Achieved: ours {b['ours_achieved_flops'] / 1e9:.0f}"
+                         f", the reference {b['reference_achieved_flops'] / 1e9:.0f} GFLOP/s.")
     return "\n".join(lines)
 
 
@@ -196,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                              "least 1: on a shared machine, OpenMP threads that wait for a busy core turn "
                              "every small op into a scheduler delay)")
     parser.add_argument("--compile", action="store_true",
-                        help="also measure ours under torch.compile (training, prefill, decoding) against the "
-                             "same eager reference; the first steps compile (tens of seconds per config)")
+                        help="also measure ours compiled against the same eager reference: training and prefill "
+                             "under torch.compile, decoding with generate(compile=True) (on CPU the fused C++ "
+                             "decode step); the first steps compile (tens of seconds per config)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads or free_cores())

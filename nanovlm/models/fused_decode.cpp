@@ -4,26 +4,82 @@
 // small ops. Each matrix-vector product streams megabytes of weights through the caches, so
 // every small op after it starts cold: measured 10-30 us per op from Python on a 2-core Xeon,
 // about as much as all the weight reads together. Here the small ops (RMSNorm, RoPE, the cache
-// write, SwiGLU) are plain loops over a few hundred floats, and only the matrix products and
-// attention go through ATen. Same math as LanguageModel._decode_blocks (see fused_decode.py).
+// write, SwiGLU, and attention over the cache) are plain loops over a few hundred floats, and
+// only the matrix products go through ATen (MKL). Same math as LanguageModel._decode_blocks (see fused_decode.py).
 
 #include <torch/extension.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 namespace {
+
+// Eight partial sums, so that the compiler vectorizes the loop without reassociating floats itself.
+float dot(const float* a, const float* b, int64_t n) {
+  float partial[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int u = 0; u < 8; ++u) partial[u] += a[j + u] * b[j + u];
+  float total = 0.f;
+  for (int u = 0; u < 8; ++u) total += partial[u];
+  for (; j < n; ++j) total += a[j] * b[j];
+  return total;
+}
 
 // out[b] = x[b] * rsqrt(mean(x[b]^2) + eps) * w, rows of width D.
 void rms_norm_rows(const float* x, const float* w, float* out, int64_t B, int64_t D, float eps) {
   for (int64_t b = 0; b < B; ++b) {
     const float* xr = x + b * D;
     float* yr = out + b * D;
-    float sum_sq = 0.f;
-    for (int64_t j = 0; j < D; ++j) sum_sq += xr[j] * xr[j];
+    const float sum_sq = dot(xr, xr, D);
     const float r = 1.f / std::sqrt(sum_sq / static_cast<float>(D) + eps);
     for (int64_t j = 0; j < D; ++j) yr[j] = xr[j] * r * w[j];
   }
+}
+
+// Attention of one decode step, for every (row, KV head) pair in parallel: the n_groups query
+// heads of KV head h ([B, Hkv, G, hd]) against its keys/values at slots 0..pos of the cache
+// ([B, Hkv, max_len, hd]); slots whose key_mask is false are skipped (padding). Plain softmax
+// in float; out [B, Hkv, G, hd] (= [B, D] with query head kvh * G + g, as the PyTorch step).
+void attend(const float* q, const float* k, const float* v, const bool* key_mask, float* out, int64_t B,
+            int64_t Hkv, int64_t G, int64_t max_len, int64_t hd, int64_t pos) {
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  // Threads only pay off for long caches or large batches (a parallel region costs microseconds).
+  const int64_t work = G * (pos + 1) * hd;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(work, 1));
+  at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(pos + 1);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / Hkv;
+      const float* keys = k + bh * max_len * hd;
+      const float* values = v + bh * max_len * hd;
+      const bool* visible = key_mask == nullptr ? nullptr : key_mask + b * max_len;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = q + (bh * G + g) * hd;
+        float* y = out + (bh * G + g) * hd;
+        float top = -INFINITY;
+        for (int64_t l = 0; l <= pos; ++l) {
+          if (visible != nullptr && !visible[l]) { scores[l] = -INFINITY; continue; }
+          scores[l] = dot(qg, keys + l * hd, hd) * scale;
+          top = std::max(top, scores[l]);
+        }
+        float total = 0.f;
+        for (int64_t l = 0; l <= pos; ++l) {
+          scores[l] = std::exp(scores[l] - top);   // exp(-inf) = 0 for the skipped slots
+          total += scores[l];
+        }
+        std::fill_n(y, hd, 0.f);
+        for (int64_t l = 0; l <= pos; ++l) {
+          const float p = scores[l] / total;
+          if (p == 0.f) continue;
+          for (int64_t j = 0; j < hd; ++j) y[j] += p * values[l * hd + j];
+        }
+      }
+    }
+  });
 }
 
 void check_float_cpu(const torch::Tensor& t, const char* name) {
@@ -55,7 +111,6 @@ class FusedDecoder {
   torch::Tensor step(const torch::Tensor& token, torch::Tensor& k_cache, torch::Tensor& v_cache,
                      const c10::optional<torch::Tensor>& key_mask, int64_t pos, const torch::Tensor& cos,
                      const torch::Tensor& sin_signed, int64_t step) const {
-    using torch::indexing::Slice;
     const int64_t B = token.size(0), D = dim_, hd = head_dim_, H = n_heads_, Hkv = n_kv_heads_;
     const int64_t n_layers = static_cast<int64_t>(blocks_.size() / 6);
     check_float_cpu(k_cache, "k_cache");
@@ -81,8 +136,15 @@ class FusedDecoder {
       TORCH_CHECK(tok[b] >= 0 && tok[b] < vocab, "token id ", tok[b], " is outside the vocabulary of ", vocab);
       std::copy_n(embedding_.data_ptr<float>() + tok[b] * D, D, x.data_ptr<float>() + b * D);
     }
-    c10::optional<torch::Tensor> mask;
-    if (key_mask.has_value()) mask = key_mask->index({Slice(), Slice(0, pos + 1)}).view({B, 1, 1, pos + 1});
+    const bool* mask = nullptr;
+    torch::Tensor mask_tensor;
+    if (key_mask.has_value()) {
+      mask_tensor = key_mask->contiguous();
+      TORCH_CHECK(mask_tensor.scalar_type() == torch::kBool && mask_tensor.dim() == 2 && mask_tensor.size(0) == B &&
+                  mask_tensor.size(1) == max_len, "key_mask must be bool [B, max_len]");
+      mask = mask_tensor.data_ptr<bool>();
+    }
+    auto y = torch::empty({B, D}, opts);           // attention output, [B, Hkv, G, hd] flattened
 
     const float* cos_p = cos.data_ptr<float>() + step * hd;
     const float* sin_p = sin_signed.data_ptr<float>() + step * hd;
@@ -113,10 +175,8 @@ class FusedDecoder {
           std::copy_n(src, hd, v_p + ((b * Hkv + head) * max_len + pos) * hd);
         }
       }
-      // Query heads of a KV group share its keys: [B, Hkv, n_groups, hd] against [B, Hkv, pos + 1, hd].
-      auto y = at::scaled_dot_product_attention(q, k_layer.index({Slice(), Slice(), Slice(0, pos + 1)}),
-                                                v_layer.index({Slice(), Slice(), Slice(0, pos + 1)}), mask);
-      x.addmm_(y.reshape({B, D}), w[2].t());
+      attend(q_p, k_p, v_p, mask, y.data_ptr<float>(), B, Hkv, H / Hkv, max_len, hd, pos);
+      x.addmm_(y, w[2].t());
       // MLP: x += down_proj(silu(gate) * up)
       rms_norm_rows(x.data_ptr<float>(), w[3].data_ptr<float>(), h.data_ptr<float>(), B, D, eps_);
       auto gate_up = at::mm(h, w[4].t());                                      // [B, 2 I]
