@@ -1,7 +1,7 @@
 """Answer a prompt about an image with a checkpoint: the entry point for `ray job submit`.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
-        python jobs/generate.py --checkpoint DIR --image PATH --prompt "..." [--max-new-tokens N] [--greedy]
+        python jobs/generate.py --checkpoint DIR --image PATH --prompt "..." [--max-new-tokens N] [--greedy] [--compile]
 
 Same arguments as `nanovlm generate`; runs on the node the job lands on (no Ray API needed).
 """

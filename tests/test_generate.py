@@ -14,6 +14,7 @@ TINY = dict(vit_hidden_dim=32, vit_inter_dim=64, vit_n_heads=4, vit_n_blocks=2, 
             lm_base_vocab_size=100, extra_token_amount=1, lm_vocab_size=101, lm_max_length=64,
             lm_max_position_embeddings=128, mp_pixel_shuffle_factor=2, mp_image_token_length=4)
 IMG = 100
+NO_COMPILER = shutil.which("c++") is None and shutil.which("g++") is None
 
 
 @pytest.fixture(scope="module")
@@ -195,10 +196,13 @@ def test_generate_command_prints_the_greedy_answer(tmp_path, capsys):
     expected = tok.decode(out[:out.index(stop)] if stop in out else out, skip_special_tokens=True).strip()
     assert expected
 
-    rc = main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--image", str(tmp_path / "red.png"),
-               "--prompt", "what colour?", "--max-new-tokens", "6", "--greedy"])
-    assert rc == 0
+    command = ["generate", "--checkpoint", str(tmp_path / "ckpt"), "--image", str(tmp_path / "red.png"),
+               "--prompt", "what colour?", "--max-new-tokens", "6", "--greedy"]
+    assert main(command) == 0
     assert capsys.readouterr().out.strip() == expected
+    if not NO_COMPILER:   # --compile: the fused C++ step on CPU, the same answer
+        assert main(command + ["--compile"]) == 0
+        assert capsys.readouterr().out.strip() == expected
 
 
 def test_generate_command_reports_a_missing_image(tmp_path, capsys):
@@ -229,9 +233,6 @@ def test_static_decode_step_equals_the_decode_step(model):
             index += 1
             assert (got - expected).abs().max().item() <= 1e-5, f"step {step}"
             token = dec.head(expected).argmax(-1)
-
-
-NO_COMPILER = shutil.which("c++") is None and shutil.which("g++") is None
 
 
 @pytest.mark.skipif(NO_COMPILER, reason="the fused CPU decode step is built with a C++ compiler")

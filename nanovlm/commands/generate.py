@@ -1,7 +1,7 @@
 """`nanovlm generate`: answer a prompt about an image with a checkpoint.
 
     nanovlm generate --checkpoint runs/tiny/checkpoints/step_001500 --image photo.png \\
-        --prompt "What colour is the shape?" [--max-new-tokens 32] [--greedy]
+        --prompt "What colour is the shape?" [--max-new-tokens 32] [--greedy] [--compile]
 
 The checkpoint is a directory written by `save_pretrained` (or a training checkpoint, or a
 Hub repo id). The prompt is built as in training: the chat template, one user turn that opens
@@ -36,18 +36,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokenizer name or directory (default: the checkpoint's own, its training "
                              "config's tokenizer_path, else VLMConfig.lm_tokenizer)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--compile", action="store_true",
+                        help="decode with a compiled step: on CPU the fused C++ step (built once per machine, "
+                             "~25 s; measured 1.5-3.4x the eager tokens/s on CPU), on GPU torch.compile with CUDA graphs")
 
 
 def run(args: argparse.Namespace) -> int:
     print(answer(args.checkpoint, args.image, args.prompt, max_new_tokens=args.max_new_tokens,
                  greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                 seed=args.seed, tokenizer=args.tokenizer, device=args.device))
+                 seed=args.seed, tokenizer=args.tokenizer, device=args.device, compile=args.compile))
     return 0
 
 
 def answer(checkpoint: str, images: list[str] | str, prompt: str, max_new_tokens: int = 32, greedy: bool = False,
            temperature: float = 0.5, top_k: int | None = 50, top_p: float | None = 0.9, seed: int = 0,
-           tokenizer: str | None = None, device: str = "auto") -> str:
+           tokenizer: str | None = None, device: str = "auto", compile: bool = False) -> str:
     """The decoded answer of the model in `checkpoint` to `prompt` about `images`."""
     import torch
     from PIL import Image
@@ -80,7 +83,8 @@ def answer(checkpoint: str, images: list[str] | str, prompt: str, max_new_tokens
 
     stop = _stop_token(tok)
     out = model.generate(input_ids, images=pixels, max_new_tokens=max_new_tokens, greedy=greedy,
-                         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=stop)[0].tolist()
+                         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=stop,
+                         compile=compile)[0].tolist()
     if stop is not None and stop in out:
         out = out[:out.index(stop)]
     return tok.decode(out, skip_special_tokens=True).strip()
