@@ -1,5 +1,7 @@
 """VisionLanguageModel.forward: image placeholders, per-sample image lists, loss, and the projector."""
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,6 +128,33 @@ def test_training_loss_without_logits_equals_the_full_loss_and_its_gradients():
     assert torch.allclose(full, lean, atol=1e-6)
     for name, grad in full_grads.items():
         assert torch.allclose(grad, lean_grads[name], atol=1e-6), name
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_training_loss_keeps_the_head_on_supervised_positions():
+    # Under torch.compile the head-and-loss part runs eagerly (a graph break), so the head still
+    # sees only the supervised rows; loss and gradients equal eager ones.
+    torch.manual_seed(0)
+    model = VisionLanguageModel(VLMConfig(**TINY))
+    ids = _ids([1, 1])
+    targets = torch.full_like(ids, -100)
+    targets[0, -4:] = torch.randint(0, 100, (4,))
+    targets[1, -2:] = torch.randint(0, 100, (2,))
+    images = torch.randn(2, 3, 32, 32)
+    head_rows = []
+    model.decoder.head.register_forward_hook(lambda module, args, out: head_rows.append(args[0].shape[0]))
+    results = []
+    for forward in (model, torch.compile(model, dynamic=False)):
+        model.zero_grad()
+        _, loss = forward(ids, images=images, targets=targets, return_logits=False)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert head_rows == [6, 6]
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    assert torch.allclose(eager, compiled, atol=1e-5)
+    for name, grad in eager_grads.items():
+        assert torch.allclose(grad, compiled_grads[name], atol=1e-5), name
 
 
 def test_left_padding_does_not_change_the_real_rows(model):

@@ -99,15 +99,21 @@ class VisionLanguageModel(nn.Module):
         hidden = self.decoder(self.embed(input_ids, images), attention_mask=attention_mask)
         if targets is None:
             return self.decoder.head(hidden), None
-        # Under torch.compile the selection's data-dependent shape would break the graph.
-        if return_logits or torch.compiler.is_compiling():
+        if return_logits:
             logits = self.decoder.head(hidden)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                                    ignore_index=-100)
-            return (logits if return_logits else None), loss
+            return logits, loss
+        return None, self._supervised_loss(hidden, targets)
+
+    # The selection's shape depends on the data: torch.compile runs this part eagerly (one graph
+    # break) and compiles what comes before it, so compiled training keeps the head's savings.
+    @torch.compiler.disable
+    def _supervised_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The LM head and cross-entropy on the supervised positions only: hidden [B, T, D]."""
         supervised = targets != -100
         logits = self.decoder.head(hidden[supervised])                          # [n_supervised, V]
-        return None, F.cross_entropy(logits.float(), targets[supervised])
+        return F.cross_entropy(logits.float(), targets[supervised])
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
