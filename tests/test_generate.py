@@ -279,6 +279,16 @@ def test_fused_cpu_decode_step_refuses_a_full_cache_and_bad_tokens(model):
         fused.step(torch.tensor([10_000]), cache.k, cache.v, None, 0, cos, sin, 0)
 
 
+def test_fused_decode_is_only_for_float32_cpu_weights(model):
+    import copy
+
+    from nanovlm.models import fused_decode
+
+    assert fused_decode.supports(model.decoder)
+    assert not fused_decode.supports(copy.deepcopy(model.decoder).to(torch.bfloat16))
+    assert fused_decode.fused_decoder(copy.deepcopy(model.decoder).to(torch.bfloat16)) is None
+
+
 def test_fused_decode_falls_back_when_it_cannot_be_built(monkeypatch, caplog):
     import torch.utils.cpp_extension
     from nanovlm.models import fused_decode

@@ -42,9 +42,9 @@ def extension():
 
 
 def supports(decoder: torch.nn.Module) -> bool:
-    """float32 weights on CPU: what the C++ step is written for."""
-    weight = decoder.token_embedding.weight
-    return weight.device.type == "cpu" and weight.dtype == torch.float32
+    """Contiguous float32 weights on CPU: what the C++ step is written for."""
+    return all(p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous()
+               for p in decoder.parameters())
 
 
 def fused_decoder(decoder: torch.nn.Module):
