@@ -148,13 +148,7 @@ class VisionLanguageModel(nn.Module):
         hidden = self.decoder(self.embed(input_ids, images), attention_mask=attention_mask, kv_cache=cache)
         logits = self.decoder.head(hidden[:, -1])                                # [B, V]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        cos, sin = self.decoder.decode_rope(cache, max_new_tokens, hidden.dtype)  # [B, n, 1, hd]
-        if fused is not None:
-            cos, sin = cos.squeeze(2), sin.squeeze(2)                             # [B, n, hd]
-        elif compile:
-            static_step = self._compiled_decode_step(cache)
-            position = torch.tensor(T, device=input_ids.device)
-            index = torch.tensor(0, device=input_ids.device)
+        decode_step = self._decode_step_fn(cache, max_new_tokens, hidden.dtype, compile, fused)
         for step in range(max_new_tokens):
             token = sample_next_token(logits, greedy, temperature, top_k, top_p)  # [B]
             if eos_token_id is not None:
@@ -165,17 +159,35 @@ class VisionLanguageModel(nn.Module):
                 break
             if eos_token_id is not None and (step + 1) % eos_check_interval == 0 and bool(finished.all()):
                 break
-            if fused is not None:
+            logits = self.decoder.head(decode_step(token, step))
+        return out
+
+    def _decode_step_fn(self, cache, n_steps: int, dtype: torch.dtype, compile: bool, fused):
+        """The decode loop's step, (token [B], step index) -> final hidden [B, D], writing this
+        token's keys and values to `cache`: the fused C++ step, the compiled static step, or
+        `decode_step`. RoPE tables for all `n_steps` are computed here, once."""
+        cos, sin = self.decoder.decode_rope(cache, n_steps, dtype)               # [B, n, 1, hd]
+        if fused is not None:
+            cos, sin = cos.squeeze(2), sin.squeeze(2)                             # [B, n, hd]
+
+            def fused_step(token: torch.Tensor, step: int) -> torch.Tensor:
                 hidden = fused.step(token, cache.k, cache.v, cache.key_mask, cache.length, cos, sin, step)
                 cache.length += 1
-            elif compile:
+                return hidden
+            return fused_step
+        if compile:
+            static_step = self._compiled_decode_step(cache)
+            # Device tensors, advanced in place: the compiled step never sees a new Python int.
+            position = torch.tensor(cache.length, device=cache.k.device)
+            index = torch.tensor(0, device=cache.k.device)
+
+            def compiled_step(token: torch.Tensor, step: int) -> torch.Tensor:
                 hidden = static_step(token, cache.k, cache.v, cache.key_mask, cos, sin, position, index)
-                position += 1
-                index += 1
-            else:
-                hidden = self.decoder(token, kv_cache=cache, rope=(cos[:, step], sin[:, step]))   # [B, D]
-            logits = self.decoder.head(hidden)
-        return out
+                position.add_(1)
+                index.add_(1)
+                return hidden
+            return compiled_step
+        return lambda token, step: self.decoder(token, kv_cache=cache, rope=(cos[:, step], sin[:, step]))
 
     def _reused_kv_cache(self, batch_size: int, max_len: int):
         """One KV cache per (batch size, length, dtype, device), kept on the model for compiled
