@@ -289,6 +289,21 @@ def test_fused_decode_is_only_for_float32_cpu_weights(model):
     assert fused_decode.fused_decoder(copy.deepcopy(model.decoder).to(torch.bfloat16)) is None
 
 
+def test_the_ninja_package_goes_on_path_where_no_ninja_is(monkeypatch):
+    # torch's extension builder runs `ninja` from PATH; a venv's python run without activating
+    # the venv would not find the one the `ninja` dependency installed.
+    import os
+
+    import ninja
+
+    from nanovlm.models import fused_decode
+
+    monkeypatch.setattr(fused_decode.shutil, "which", lambda name: None)
+    monkeypatch.setenv("PATH", "/nowhere")
+    fused_decode._put_ninja_on_path()
+    assert os.environ["PATH"].split(os.pathsep) == [ninja.BIN_DIR, "/nowhere"]
+
+
 def test_fused_decode_falls_back_when_it_cannot_be_built(monkeypatch, caplog):
     import torch.utils.cpp_extension
     from nanovlm.models import fused_decode

@@ -7,14 +7,17 @@ on, as much time as the weight reads. The C++ step keeps the matrix products and
 ATen and does RMSNorm, RoPE, the cache write and SwiGLU as loops: on the 27M `mid` benchmark
 config, 2.6 -> 1.5 ms per token at 2 threads (the weight reads alone take 1.26 ms).
 
-The extension is built on first use with `torch.utils.cpp_extension` (needs a C++ compiler and
-ninja; ~25 s, once per machine and source version, cached in TORCH_EXTENSIONS_DIR). Where it
+The extension is built on first use with `torch.utils.cpp_extension` (needs a C++ compiler; ninja
+comes with the `ninja` package; ~25 s, once per machine and source version, cached in
+TORCH_EXTENSIONS_DIR). Where it
 cannot be built, `extension()` returns None and callers fall back to `torch.compile`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -32,6 +35,7 @@ def extension():
     if _extension is None and not _build_failed:
         try:
             from torch.utils.cpp_extension import load
+            _put_ninja_on_path()
             logger.info("Building the fused CPU decode step (once per machine; ~25 s)...")
             _extension = load(name="nanovlm_fused_decode", sources=[str(SOURCE)], extra_cflags=["-O3"])
         except Exception as exc:   # no compiler, no ninja, no headers: the torch.compile path still works
@@ -39,6 +43,17 @@ def extension():
             logger.warning("The fused CPU decode step could not be built (%s: %s); decoding falls back to "
                            "torch.compile.", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
     return _extension
+
+
+def _put_ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; the `ninja` package (a dependency) ships one, whose
+    directory is not on PATH when the venv's python runs without activating the venv."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def supports(decoder: torch.nn.Module) -> bool:
