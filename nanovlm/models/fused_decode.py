@@ -36,7 +36,7 @@ def extension():
         try:
             from torch.utils.cpp_extension import load
             _put_ninja_on_path()
-            logger.info("Building the fused CPU decode step (once per machine; ~25 s)...")
+            logger.info("Loading the fused CPU decode step (compiled on first use per machine: ~25 s)...")
             _extension = load(name="nanovlm_fused_decode", sources=[str(SOURCE)], extra_cflags=["-O3"])
         except Exception as exc:   # no compiler, no ninja, no headers: the torch.compile path still works
             _build_failed = True
