@@ -188,7 +188,7 @@ def test_gpu_check_rehearses_on_cpu_and_reports_every_measurement(tmp_path, caps
     assert "| decode_bs1 | decode_tokens_per_s |" in capsys.readouterr().out
 
 
-def test_compare_writes_every_measure_with_ratio_and_the_decode_bound(tmp_path):
+def test_compare_writes_every_measure_with_ratio_and_the_bounds(tmp_path):
     import json
 
     from nanovlm.bench import compare
@@ -203,3 +203,10 @@ def test_compare_writes_every_measure_with_ratio_and_the_decode_bound(tmp_path):
         assert measure["ours"] > 0 and measure["reference"] > 0
         assert math.isclose(measure["ratio"], measure["ours"] / measure["reference"], rel_tol=1e-6)
     assert result["decode_memory_bound"]["tokens_per_s"] > 0
+    bounds = result["train_compute_bound"]
+    assert set(bounds) == {"train_tokens_per_s", "train_sft_tokens_per_s"}
+    for bound in bounds.values():
+        # Ours skips the LM head on unsupervised positions: fewer FLOPs than the reference's step.
+        assert 0 < bound["ours_gflop_per_step"] < bound["reference_gflop_per_step"]
+        assert math.isclose(bound["ceiling_ratio"], bound["reference_step_s"] / bound["ours_floor_step_s"])
+    assert bounds["train_sft_tokens_per_s"]["ours_gflop_per_step"] < bounds["train_tokens_per_s"]["ours_gflop_per_step"]

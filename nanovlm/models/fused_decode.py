@@ -3,14 +3,14 @@
 Batch-1 decoding reads every decoder weight once per token (memory-bound), and between those
 reads runs ~25 small ops per block. Each weight read streams megabytes through the caches, so
 each small op after it starts cold: 10-30 us per op from Python on the 2-core Xeon we measure
-on, as much time as the weight reads. The C++ step keeps the matrix products and attention in
-ATen and does RMSNorm, RoPE, the cache write and SwiGLU as loops: on the 27M `mid` benchmark
-config, 2.6 -> 1.5 ms per token at 2 threads (the weight reads alone take 1.26 ms).
+on, as much time as the weight reads. The C++ step keeps the matrix products in ATen (MKL) and
+does RMSNorm, RoPE, the cache write, attention over the cache and SwiGLU as loops: on the 27M
+`mid` benchmark config, 2.6 -> 1.5 ms per token at 2 threads (the weight reads alone: ~1.25 ms).
 
 The extension is built on first use with `torch.utils.cpp_extension` (needs a C++ compiler; ninja
 comes with the `ninja` package; ~25 s, once per machine and source version, cached in
-TORCH_EXTENSIONS_DIR). Where it
-cannot be built, `extension()` returns None and callers fall back to `torch.compile`.
+TORCH_EXTENSIONS_DIR). Where it cannot be built, `extension()` returns None and callers fall back
+to `torch.compile`.
 """
 
 from __future__ import annotations
