@@ -289,6 +289,25 @@ def test_fused_decode_is_only_for_float32_cpu_weights(model):
     assert fused_decode.fused_decoder(copy.deepcopy(model.decoder).to(torch.bfloat16)) is None
 
 
+def test_a_build_lock_left_by_a_killed_build_is_removed(monkeypatch, tmp_path):
+    # torch's builder would wait forever on it; a recent lock (a build in progress) stays.
+    import os
+    import time
+
+    from nanovlm.models import fused_decode
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / fused_decode.NAME / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    fused_decode._clear_stale_build_lock()
+    assert lock.exists()
+    old = time.time() - fused_decode.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    fused_decode._clear_stale_build_lock()
+    assert not lock.exists()
+
+
 def test_the_ninja_package_goes_on_path_where_no_ninja_is(monkeypatch):
     # torch's extension builder runs `ninja` from PATH; a venv's python run without activating
     # the venv would not find the one the `ninja` dependency installed.

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -25,6 +26,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fused_decode.cpp")
+NAME = "nanovlm_fused_decode"
+STALE_LOCK_S = 600   # a build takes ~25 s; a lock this old was left by a process killed mid-build
 _extension = None
 _build_failed = False
 
@@ -36,13 +39,29 @@ def extension():
         try:
             from torch.utils.cpp_extension import load
             _put_ninja_on_path()
+            _clear_stale_build_lock()
             logger.info("Loading the fused CPU decode step (compiled on first use per machine: ~25 s)...")
-            _extension = load(name="nanovlm_fused_decode", sources=[str(SOURCE)], extra_cflags=["-O3"])
+            _extension = load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3"])
         except Exception as exc:   # no compiler, no ninja, no headers: the torch.compile path still works
             _build_failed = True
             logger.warning("The fused CPU decode step could not be built (%s: %s); decoding falls back to "
                            "torch.compile.", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
     return _extension
+
+
+def _clear_stale_build_lock() -> None:
+    """torch's builder waits, without a timeout, for the build directory's `lock` file to go;
+    a process killed while building (a Tune trial stopped early, a Ray worker restarted) leaves
+    it behind, and every later build would hang on it. Remove such a lock."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+        lock = Path(_get_build_directory(NAME, verbose=False)) / "lock"
+        age = time.time() - lock.stat().st_mtime
+    except (ImportError, OSError):   # no lock (the usual case), or torch moved its helper
+        return
+    if age > STALE_LOCK_S:
+        logger.warning("Removing %s, left %.0f s ago by a build that did not finish.", lock, age)
+        lock.unlink(missing_ok=True)
 
 
 def _put_ninja_on_path() -> None:
