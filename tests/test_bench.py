@@ -103,6 +103,17 @@ class CountingMeasure:
         return {p.key: {"infer_decode_tokens_per_s": 100.0 * (i + 1)} for i, p in enumerate(points)}
 
 
+def test_every_shipped_grid_file_parses_into_points():
+    from pathlib import Path
+
+    from nanovlm.bench.sweep import load_grid
+
+    files = sorted((Path(__file__).resolve().parents[1] / "tune").glob("bench_*.yaml"))
+    assert any(f.name == "bench_compile.yaml" for f in files)
+    for path in files:
+        assert len(grid_points(load_grid(path))) >= 2, path
+
+
 def test_cached_points_are_not_measured_again(tmp_path):
     measure = CountingMeasure()
     first = run_grid(parse_grid(GRID), tmp_path, tracking=False, measure_fn=measure)
