@@ -124,14 +124,16 @@ class FusedDecoder {
     TORCH_CHECK(pos >= 0 && pos < max_len, "KV cache holds ", max_len, " positions; slot ", pos, " was asked for");
     TORCH_CHECK(cos.dim() == 3 && cos.size(0) == B && cos.size(2) == hd && step >= 0 && step < cos.size(1),
                 "cos/sin must be [B, n_steps, head_dim] with step < n_steps");
-    TORCH_CHECK(token.scalar_type() == torch::kInt64 && token.dim() == 1, "token must be int64 [B]");
+    TORCH_CHECK(token.device().is_cpu() && token.scalar_type() == torch::kInt64 && token.dim() == 1,
+                "token must be an int64 CPU tensor [B]");
 
     auto opts = embedding_.options();
     auto x = torch::empty({B, D}, opts);            // the residual stream
     auto h = torch::empty({B, D}, opts);            // normed input of a projection
     auto q = torch::empty({B, Hkv, H / Hkv, hd}, opts);
     const int64_t vocab = embedding_.size(0);
-    const auto* tok = token.contiguous().data_ptr<int64_t>();
+    const auto tokens = token.contiguous();       // held: a copy made here must outlive the pointer
+    const auto* tok = tokens.data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b) {
       TORCH_CHECK(tok[b] >= 0 && tok[b] < vocab, "token id ", tok[b], " is outside the vocabulary of ", vocab);
       std::copy_n(embedding_.data_ptr<float>() + tok[b] * D, D, x.data_ptr<float>() + b * D);
@@ -140,8 +142,9 @@ class FusedDecoder {
     torch::Tensor mask_tensor;
     if (key_mask.has_value()) {
       mask_tensor = key_mask->contiguous();
-      TORCH_CHECK(mask_tensor.scalar_type() == torch::kBool && mask_tensor.dim() == 2 && mask_tensor.size(0) == B &&
-                  mask_tensor.size(1) == max_len, "key_mask must be bool [B, max_len]");
+      TORCH_CHECK(mask_tensor.device().is_cpu() && mask_tensor.scalar_type() == torch::kBool &&
+                  mask_tensor.dim() == 2 && mask_tensor.size(0) == B && mask_tensor.size(1) == max_len,
+                  "key_mask must be a bool CPU tensor [B, max_len]");
       mask = mask_tensor.data_ptr<bool>();
     }
     auto y = torch::empty({B, D}, opts);           // attention output, [B, Hkv, G, hd] flattened
