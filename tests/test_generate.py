@@ -213,17 +213,24 @@ def test_generate_command_reports_a_missing_image(tmp_path, capsys):
     assert "nope.png" in capsys.readouterr().err
 
 
+def _two_prefilled_caches(dec):
+    """Two KV caches holding the same left-padded 2-row prompt, and RoPE tables for 4 decode steps:
+    one cache for `decode_step`, one for the step compared with it."""
+    ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 8]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    caches = [dec.new_kv_cache(2, 16), dec.new_kv_cache(2, 16)]
+    for cache in caches:
+        dec(ids, attention_mask=mask, kv_cache=cache)
+    cos, sin = dec.decode_rope(caches[0], 4, torch.float32)
+    return caches, cos, sin
+
+
 def test_static_decode_step_equals_the_decode_step(model):
     # The compile-friendly step (whole cache read, later slots masked) computes what decode_step
     # does, on a left-padded batch; run uncompiled here, compiled in the next test.
-    ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 8]])
-    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     dec = model.decoder
     with torch.no_grad():
-        caches = [dec.new_kv_cache(2, 16), dec.new_kv_cache(2, 16)]
-        for cache in caches:
-            dec(ids, attention_mask=mask, kv_cache=cache)
-        cos, sin = dec.decode_rope(caches[0], 4, torch.float32)
+        caches, cos, sin = _two_prefilled_caches(dec)
         position, index = torch.tensor(5), torch.tensor(0)
         token = torch.tensor([9, 10])
         for step in range(4):
@@ -241,16 +248,11 @@ def test_fused_cpu_decode_step_equals_the_decode_step(model):
     # hidden states and the same keys/values written to the cache, step after step.
     from nanovlm.models import fused_decode
 
-    ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 8]])
-    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     dec = model.decoder
     fused = fused_decode.fused_decoder(dec)
     assert fused is not None
     with torch.no_grad():
-        caches = [dec.new_kv_cache(2, 16), dec.new_kv_cache(2, 16)]
-        for cache in caches:
-            dec(ids, attention_mask=mask, kv_cache=cache)
-        cos, sin = dec.decode_rope(caches[0], 4, torch.float32)
+        caches, cos, sin = _two_prefilled_caches(dec)
         token = torch.tensor([9, 10])
         for step in range(4):
             expected = dec.decode_step(token, caches[0], cos[:, step], sin[:, step])

@@ -108,23 +108,32 @@ def test_loss_is_cross_entropy_over_targets_ignoring_minus_100(model):
     assert torch.allclose(loss, expected, atol=1e-6)
 
 
-def test_training_loss_without_logits_equals_the_full_loss_and_its_gradients():
-    # return_logits=False applies the head to the supervised positions only: same loss, same grads.
+def _answer_only_batch():
+    """A fresh TINY model and a 2-sample batch whose targets supervise only the last 4 and 2 tokens."""
     torch.manual_seed(0)
     model = VisionLanguageModel(VLMConfig(**TINY))
     ids = _ids([1, 1])
     targets = torch.full_like(ids, -100)
     targets[0, -4:] = torch.randint(0, 100, (4,))
     targets[1, -2:] = torch.randint(0, 100, (2,))
-    images = torch.randn(2, 3, 32, 32)
-    grads = []
-    for return_logits in (True, False):
-        model.zero_grad()
-        logits, loss = model(ids, images=images, targets=targets, return_logits=return_logits)
-        assert (logits is None) == (not return_logits)
-        loss.backward()
-        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (full, full_grads), (lean, lean_grads) = grads
+    return model, dict(input_ids=ids, images=torch.randn(2, 3, 32, 32), targets=targets)
+
+
+def _loss_and_grads(model, forward, batch, return_logits):
+    """(logits, loss, {name: grad}) of one forward + backward of `forward` (model or a compiled model)."""
+    model.zero_grad()
+    logits, loss = forward(**batch, return_logits=return_logits)
+    loss.backward()
+    return logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_training_loss_without_logits_equals_the_full_loss_and_its_gradients():
+    # return_logits=False applies the head to the supervised positions only: same loss, same grads.
+    model, batch = _answer_only_batch()
+    logits, full, full_grads = _loss_and_grads(model, model, batch, return_logits=True)
+    assert logits is not None
+    logits, lean, lean_grads = _loss_and_grads(model, model, batch, return_logits=False)
+    assert logits is None
     assert torch.allclose(full, lean, atol=1e-6)
     for name, grad in full_grads.items():
         assert torch.allclose(grad, lean_grads[name], atol=1e-6), name
@@ -135,23 +144,13 @@ def test_training_loss_without_logits_equals_the_full_loss_and_its_gradients():
 def test_compiled_training_loss_keeps_the_head_on_supervised_positions():
     # Under torch.compile the head-and-loss part runs eagerly (a graph break), so the head still
     # sees only the supervised rows; loss and gradients equal eager ones.
-    torch.manual_seed(0)
-    model = VisionLanguageModel(VLMConfig(**TINY))
-    ids = _ids([1, 1])
-    targets = torch.full_like(ids, -100)
-    targets[0, -4:] = torch.randint(0, 100, (4,))
-    targets[1, -2:] = torch.randint(0, 100, (2,))
-    images = torch.randn(2, 3, 32, 32)
+    model, batch = _answer_only_batch()
     head_rows = []
     model.decoder.head.register_forward_hook(lambda module, args, out: head_rows.append(args[0].shape[0]))
-    results = []
-    for forward in (model, torch.compile(model, dynamic=False)):
-        model.zero_grad()
-        _, loss = forward(ids, images=images, targets=targets, return_logits=False)
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    _, eager, eager_grads = _loss_and_grads(model, model, batch, return_logits=False)
+    _, compiled, compiled_grads = _loss_and_grads(model, torch.compile(model, dynamic=False), batch,
+                                                  return_logits=False)
     assert head_rows == [6, 6]
-    (eager, eager_grads), (compiled, compiled_grads) = results
     assert torch.allclose(eager, compiled, atol=1e-5)
     for name, grad in eager_grads.items():
         assert torch.allclose(grad, compiled_grads[name], atol=1e-5), name

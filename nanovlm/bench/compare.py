@@ -64,7 +64,7 @@ class CompareSettings:
     decode_new_tokens: int = 64
     warmup: int = 2
     repeats: int = 7
-    compile: bool = False          # also measure ours under torch.compile (the reference stays eager)
+    compile: bool = False          # also measure ours compiled (the reference stays eager)
 
 
 def build_pair(cfg: VLMConfig, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -148,7 +148,8 @@ def compare_config(name: str, cfg: VLMConfig, s: CompareSettings) -> dict:
     train_tokens_per_s        every text token supervised (language-model pre-training shape)
     train_sft_tokens_per_s    only the last `train_answer_tokens` supervised (instruction tuning)
     prefill_tokens_per_s, decode_tokens_per_s
-    *_compiled                ours under torch.compile against the same eager reference (--compile)
+    *_compiled                ours compiled against the same eager reference (--compile): training under
+                              torch.compile, decoding with generate(compile=True) (CPU: the fused C++ step)
     """
     ours_model, ref_model = build_pair(cfg)
     ours, ref = NanoVLMRunner(ours_model), ReferenceRunner(ref_model)
