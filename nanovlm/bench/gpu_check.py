@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
 
 HEADLINE = ["tokens_per_s", "step_time_s", "mfu", "mfu_datasheet", "compile_first_step_s", "time_to_first_token_s",
             "decode_tokens_per_s", "prefill_tokens_per_s", "end_to_end_s", "peak_memory_mb", "matmul_peak_flops",
-            "datasheet_peak_flops", "compile_first_call_s", "tokens_equal_eager", "decode_ratio", "prefill_ratio", "train_ratio", "ours_decode_tokens_per_s",
+            "datasheet_peak_flops", "compile_first_call_s", "tokens_equal_eager", "decode_ratio", "prefill_ratio",
+            "train_ratio", "ours_decode_tokens_per_s",
             "reference_decode_tokens_per_s", "ours_train_tokens_per_s", "reference_train_tokens_per_s"]
 
 
