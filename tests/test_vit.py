@@ -1,5 +1,8 @@
 """The ViT equals transformers' SiglipVisionModel, and keeps nanoVLM's parameter names."""
 
+import shutil
+
+import pytest
 import torch
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
@@ -54,3 +57,35 @@ def test_vit_with_cls_token_returns_only_patch_tokens():
     vit = ViT(cfg)
     assert vit.patch_embedding.position_embedding.shape == (1, 17, 32)
     assert vit(torch.randn(2, 3, 32, 32)).shape == (2, 16, 32)
+
+
+def test_images_of_another_size_are_refused_with_the_expected_size():
+    cfg = VLMConfig(vit_hidden_dim=32, vit_inter_dim=64, vit_n_heads=4, vit_n_blocks=1, vit_img_size=32,
+                    vit_patch_size=8)
+    with pytest.raises(ValueError, match=r"\[batch, 3, 32, 32\].*vit_img_size=32"):
+        ViT(cfg)(torch.randn(2, 3, 40, 40))
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_vit_matches_siglip_and_eager_gradients(tmp_path):
+    # Under torch.compile on CPU the ViT writes attention out and GELU as x * sigmoid(2u):
+    # still SigLIP's outputs, and the eager gradients.
+    reference, hf_cfg = _siglip(tmp_path)
+    cfg = VLMConfig(**vit_fields(hf_cfg))
+    ours = ViT(cfg).eval()
+    src = TensorFile(tmp_path)
+    copy_into(ours, vision_tensors(src, src.prefix_of("embeddings.patch_embedding.weight"), cfg.vit_n_blocks), "siglip")
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = reference(pixel_values=images).last_hidden_state
+    compiled = torch.compile(ours, dynamic=False)
+    grads = []
+    for forward in (ours, compiled):
+        ours.zero_grad()
+        out = forward(images)
+        out.square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in ours.named_parameters()})
+        assert (out.detach() - expected).abs().max().item() <= 1e-4
+    for name, grad in grads[0].items():
+        assert torch.allclose(grad, grads[1][name], atol=1e-5), name

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from nanovlm.config import VLMConfig
-from nanovlm.models import ModalityProjector, VisionLanguageModel, pixel_shuffle
+from nanovlm.models import ModalityProjector, VisionLanguageModel, pixel_shuffle, vision_language_model
+from nanovlm.models.vision_language_model import linear_cross_entropy
 
 TINY = dict(vit_hidden_dim=32, vit_inter_dim=64, vit_n_heads=4, vit_n_blocks=2, vit_img_size=32, vit_patch_size=8,
             lm_hidden_dim=32, lm_inter_dim=64, lm_n_heads=4, lm_n_kv_heads=2, lm_n_blocks=2,
@@ -141,12 +142,17 @@ def test_training_loss_without_logits_equals_the_full_loss_and_its_gradients():
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                     reason="torch.compile on CPU needs a C++ compiler")
-def test_compiled_training_loss_keeps_the_head_on_supervised_positions():
+def test_compiled_training_loss_keeps_the_head_on_supervised_positions(monkeypatch):
     # Under torch.compile the head-and-loss part runs eagerly (a graph break), so the head still
     # sees only the supervised rows; loss and gradients equal eager ones.
     model, batch = _answer_only_batch()
     head_rows = []
-    model.decoder.head.register_forward_hook(lambda module, args, out: head_rows.append(args[0].shape[0]))
+
+    def spy(hidden, weight, targets):
+        head_rows.append(hidden.shape[0])
+        return linear_cross_entropy(hidden, weight, targets)
+
+    monkeypatch.setattr(vision_language_model, "linear_cross_entropy", spy)
     _, eager, eager_grads = _loss_and_grads(model, model, batch, return_logits=False)
     _, compiled, compiled_grads = _loss_and_grads(model, torch.compile(model, dynamic=False), batch,
                                                   return_logits=False)
@@ -154,6 +160,29 @@ def test_compiled_training_loss_keeps_the_head_on_supervised_positions():
     assert torch.allclose(eager, compiled, atol=1e-5)
     for name, grad in eager_grads.items():
         assert torch.allclose(grad, compiled_grads[name], atol=1e-5), name
+
+
+def test_linear_cross_entropy_equals_linear_then_cross_entropy():
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (7,))
+    expected = F.cross_entropy(F.linear(hidden, weight), targets)
+    grads = torch.autograd.grad(expected, (hidden, weight))
+    loss = linear_cross_entropy(hidden, weight, targets)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    for ours, ref in zip(torch.autograd.grad(loss, (hidden, weight)), grads):
+        assert torch.allclose(ours, ref, atol=1e-6)
+
+
+def test_bfloat16_autocast_training_loss_takes_the_plain_head(monkeypatch):
+    # linear_cross_entropy is float32 only; under autocast the loss goes through head + F.cross_entropy.
+    model, batch = _answer_only_batch()
+    monkeypatch.setattr(vision_language_model, "linear_cross_entropy", None)   # would fail if called
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(**batch, return_logits=False)
+    loss.backward()
+    assert torch.isfinite(loss) and model.decoder.head.weight.grad is not None
 
 
 def test_left_padding_does_not_change_the_real_rows(model):
