@@ -24,6 +24,7 @@ import torch
 
 from nanovlm.bench.flops import vlm_flops
 from nanovlm.config import VLMConfig
+from nanovlm.training.compiling import compile_for_training
 from nanovlm.training.optim import adamw
 
 logger = logging.getLogger(__name__)
@@ -152,7 +153,8 @@ class NanoVLMRunner:
             self._optimizer = adamw(self.model.parameters(), lr=self.lr)
             # dynamic=False: a second config in the same process would otherwise be compiled with
             # dynamic shapes (automatic dynamic), measured 2x slower than eager on CPU.
-            self._train_forward = torch.compile(self.model, dynamic=False) if self.compile else self.model
+            self._train_forward = (compile_for_training(self.model, self.device, dynamic=False) if self.compile
+                                   else self.model)
         with _autocast(self.device, self.dtype):
             _, loss = self._train_forward(batch.input_ids, images=batch.images,
                                           attention_mask=batch.attention_mask, targets=batch.targets,

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from nanovlm.config import TrainConfig, VLMConfig, configs_to_dict
 from nanovlm.training import checkpointing
+from nanovlm.training.compiling import compile_for_training
 from nanovlm.training.evaluation import evaluate
 from nanovlm.training.hooks import TrainHooks
 from nanovlm.training.metrics import measured_peak_flops, step_metrics, vlm_flops
@@ -185,7 +186,7 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None =
 
     train_model = hooks.wrap_model(model)
     if train_cfg.compile:
-        train_model = torch.compile(train_model)
+        train_model = compile_for_training(train_model, device)
 
     # --- data: the order is a function of (seed, epoch, rank); batches_consumed is the position
     tokenizer = get_tokenizer(train_cfg.tokenizer_path or vlm_cfg.lm_tokenizer, vlm_cfg.vlm_extra_tokens,
