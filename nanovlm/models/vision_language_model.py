@@ -49,7 +49,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        log_probs = torch.log_softmax(hidden @ weight.t(), dim=1)                # [N, V]
+        logits = hidden @ weight.t()                                              # [N, V]
+        # On CPU in place (each row is read for its max and sum before it is written): a second
+        # [N, V] buffer per step cost glibc's heap ~10k page faults and 10-20 ms per mid step.
+        log_probs = torch.log_softmax(logits, 1, out=logits) if logits.is_cpu else torch.log_softmax(logits, 1)
         ctx.save_for_backward(hidden, weight, targets, log_probs)
         return -log_probs.gather(1, targets[:, None]).mean()
 
