@@ -3,6 +3,8 @@ writes summary.json."""
 
 import json
 import math
+import os
+import platform
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch
 from nanovlm.models import VisionLanguageModel
 from nanovlm.training import NonFiniteLossError, TrainHooks, train
 from nanovlm.training.checkpointing import list_checkpoints, load_train_state
+from nanovlm.training.loop import keep_freed_memory
 from training_configs import tiny_configs
 
 STEP_KEYS = {"loss", "lr_mp", "lr_vision_backbone", "lr_language_backbone", "grad_norm", "tokens_per_second",
@@ -165,3 +168,13 @@ def test_measuring_the_peak_does_not_move_the_global_rng():
     torch.manual_seed(5)
     assert metrics.measured_peak_flops(torch.device("cpu"), torch.float32) > 0
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_cpu_training_keeps_freed_memory_unless_malloc_is_configured(monkeypatch):
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    for key in [k for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(key)
+    assert keep_freed_memory()
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")     # the user's own setting wins
+    assert not keep_freed_memory()

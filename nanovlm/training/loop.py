@@ -16,9 +16,11 @@ Steps are numbered from 1; a checkpoint `step_000500` holds the state after 500 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -54,6 +56,24 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("TrainConfig.device='cuda' but no CUDA device is available; use device='auto' or 'cpu'.")
     return torch.device(name)
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to keep the memory a training step frees for the next step instead
+    of handing it back to the system, which the next step then faults in again page by page:
+    measured on the 27M `compare` config's compiled CPU step (the same settings given as
+    MALLOC_* variables), 3-15k page faults per step before, ~25 after, 360 -> 341 ms a step.
+    The process keeps its peak heap. Skipped (False) where
+    MALLOC_* / GLIBC_TUNABLES settings or an LD_PRELOADed allocator are given, or malloc is not
+    glibc's."""
+    if os.environ.get("LD_PRELOAD") or any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3      # glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
 def resolve_autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
@@ -154,6 +174,8 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None =
         # Once the loss is small, gradients and Adam moments underflow into denormal floats,
         # which x86 CPUs process ~100x slower: a tiny run stalled from 14 to <1 step/s.
         torch.set_flush_denormal(True)
+        if keep_freed_memory():
+            logger.debug("glibc malloc keeps freed memory (M_TRIM_THRESHOLD 1 GiB, M_MMAP_THRESHOLD 32 MiB).")
 
     def autocast():
         if amp_dtype is None:
