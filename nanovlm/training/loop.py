@@ -63,9 +63,8 @@ def keep_freed_memory() -> bool:
     of handing it back to the system, which the next step then faults in again page by page:
     measured on the 27M `compare` config's compiled CPU step (the same settings given as
     MALLOC_* variables), 3-15k page faults per step before, ~25 after, 360 -> 341 ms a step.
-    The process keeps its peak heap. Skipped (False) where
-    MALLOC_* / GLIBC_TUNABLES settings or an LD_PRELOADed allocator are given, or malloc is not
-    glibc's."""
+    The process keeps its peak heap. Skipped (False) where MALLOC_* / GLIBC_TUNABLES settings or
+    an LD_PRELOADed allocator are given, or malloc is not glibc's."""
     if os.environ.get("LD_PRELOAD") or any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
         return False
     try:
