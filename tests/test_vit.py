@@ -23,13 +23,18 @@ def _siglip(tmp_path):
     return model, hf_cfg
 
 
-def test_vit_matches_siglip_vision_model_last_hidden_state(tmp_path):
+def _siglip_and_ours(tmp_path):
+    """The random SigLIP reference and our ViT loaded with its weights (eval mode)."""
     reference, hf_cfg = _siglip(tmp_path)
     cfg = VLMConfig(**vit_fields(hf_cfg))
     ours = ViT(cfg).eval()
     src = TensorFile(tmp_path)
     copy_into(ours, vision_tensors(src, src.prefix_of("embeddings.patch_embedding.weight"), cfg.vit_n_blocks), "siglip")
+    return reference, ours
 
+
+def test_vit_matches_siglip_vision_model_last_hidden_state(tmp_path):
+    reference, ours = _siglip_and_ours(tmp_path)
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         expected = reference(pixel_values=images).last_hidden_state
@@ -71,11 +76,7 @@ def test_images_of_another_size_are_refused_with_the_expected_size():
 def test_compiled_vit_matches_siglip_and_eager_gradients(tmp_path):
     # Under torch.compile on CPU the ViT writes attention out and GELU as x * sigmoid(2u):
     # still SigLIP's outputs, and the eager gradients.
-    reference, hf_cfg = _siglip(tmp_path)
-    cfg = VLMConfig(**vit_fields(hf_cfg))
-    ours = ViT(cfg).eval()
-    src = TensorFile(tmp_path)
-    copy_into(ours, vision_tensors(src, src.prefix_of("embeddings.patch_embedding.weight"), cfg.vit_n_blocks), "siglip")
+    reference, ours = _siglip_and_ours(tmp_path)
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         expected = reference(pixel_values=images).last_hidden_state

@@ -341,7 +341,7 @@ class LanguageModel(nn.Module):
             h = F.rms_norm(x, (D,), _as(block.norm1.weight, x), eps)
             qkv = F.linear(h, attn.qkv_proj.weight)                          # [B, (H + 2 Hkv) hd]
             qk = qkv[:, :(H + Hkv) * hd].view(B, H + Hkv, hd)                 # q and k heads, rotated together
-            qk = torch.addcmul(qk * cos, torch.roll(qk, hd // 2, dims=-1), sin)
+            qk = apply_rotary(qk, cos, sin)
             keys, values = store(i, qk[:, H:], qkv[:, (H + Hkv) * hd:].view(B, Hkv, hd))
             # Query heads of a KV group share its keys: [B, Hkv, n_groups, hd] against [B, Hkv, L, hd].
             y = F.scaled_dot_product_attention(qk[:, :H].reshape(B, Hkv, H // Hkv, hd), keys, values,
