@@ -1,20 +1,18 @@
 """VisionLanguageModel.generate: KV-cached decoding equals recomputation, batching with left padding
 equals one-by-one, EOS stops, and sampling respects temperature / top-k / top-p."""
 
-import shutil
-
 import pytest
 import torch
 
 from nanovlm.config import VLMConfig
 from nanovlm.models import VisionLanguageModel, sample_next_token
+from toolchain import HAS_CXX, needs_cxx
 
 TINY = dict(vit_hidden_dim=32, vit_inter_dim=64, vit_n_heads=4, vit_n_blocks=2, vit_img_size=32, vit_patch_size=8,
             lm_hidden_dim=32, lm_inter_dim=64, lm_n_heads=4, lm_n_kv_heads=2, lm_n_blocks=2,
             lm_base_vocab_size=100, extra_token_amount=1, lm_vocab_size=101, lm_max_length=64,
             lm_max_position_embeddings=128, mp_pixel_shuffle_factor=2, mp_image_token_length=4)
 IMG = 100
-NO_COMPILER = shutil.which("c++") is None and shutil.which("g++") is None
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +198,7 @@ def test_generate_command_prints_the_greedy_answer(tmp_path, capsys):
                "--prompt", "what colour?", "--max-new-tokens", "6", "--greedy"]
     assert main(command) == 0
     assert capsys.readouterr().out.strip() == expected
-    if not NO_COMPILER:   # --compile: the fused C++ step on CPU, the same answer
+    if HAS_CXX:   # --compile: the fused C++ step on CPU, the same answer
         assert main(command + ["--compile"]) == 0
         assert capsys.readouterr().out.strip() == expected
 
@@ -242,7 +240,7 @@ def test_static_decode_step_equals_the_decode_step(model):
             token = dec.head(expected).argmax(-1)
 
 
-@pytest.mark.skipif(NO_COMPILER, reason="the fused CPU decode step is built with a C++ compiler")
+@needs_cxx
 def test_fused_cpu_decode_step_equals_the_decode_step(model):
     # The C++ step (fused_decode.cpp) against the PyTorch one, on a left-padded batch: the same
     # hidden states and the same keys/values written to the cache, step after step.
@@ -340,7 +338,7 @@ def test_fused_decode_falls_back_when_it_cannot_be_built(monkeypatch, caplog):
     assert "Ninja is required" in caplog.text
 
 
-@pytest.mark.skipif(NO_COMPILER, reason="torch.compile and the fused CPU step need a C++ compiler")
+@needs_cxx
 @pytest.mark.parametrize("step", ["fused C++", "torch.compile"])
 def test_compiled_generation_equals_eager_generation(model, monkeypatch, step):
     if step == "torch.compile":   # as where the C++ step cannot be built

@@ -1,7 +1,5 @@
 """The ViT equals transformers' SiglipVisionModel, and keeps nanoVLM's parameter names."""
 
-import shutil
-
 import pytest
 import torch
 from transformers import SiglipVisionConfig, SiglipVisionModel
@@ -9,6 +7,7 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 from nanovlm.config import VLMConfig
 from nanovlm.models import ViT
 from nanovlm.models.hf_import import TensorFile, copy_into, vision_tensors, vit_fields
+from toolchain import needs_cxx
 
 
 def _siglip(tmp_path):
@@ -71,8 +70,7 @@ def test_images_of_another_size_are_refused_with_the_expected_size():
         ViT(cfg)(torch.randn(2, 3, 40, 40))
 
 
-@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
-                    reason="torch.compile on CPU needs a C++ compiler")
+@needs_cxx
 def test_compiled_vit_matches_siglip_and_eager_gradients(tmp_path):
     # Under torch.compile on CPU the ViT writes attention out and GELU as x * sigmoid(2u):
     # still SigLIP's outputs, and the eager gradients.

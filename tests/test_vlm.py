@@ -1,7 +1,5 @@
 """VisionLanguageModel.forward: image placeholders, per-sample image lists, loss, and the projector."""
 
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +8,7 @@ from nanovlm.config import VLMConfig
 from nanovlm.models import ModalityProjector, VisionLanguageModel, pixel_shuffle, vision_language_model
 from nanovlm.models.vision_language_model import linear_cross_entropy
 from nanovlm.training.compiling import compile_for_training
+from toolchain import needs_cxx
 
 TINY = dict(vit_hidden_dim=32, vit_inter_dim=64, vit_n_heads=4, vit_n_blocks=2, vit_img_size=32, vit_patch_size=8,
             lm_hidden_dim=32, lm_inter_dim=64, lm_n_heads=4, lm_n_kv_heads=2, lm_n_blocks=2,
@@ -141,8 +140,7 @@ def test_training_loss_without_logits_equals_the_full_loss_and_its_gradients():
         assert torch.allclose(grad, lean_grads[name], atol=1e-6), name
 
 
-@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
-                    reason="torch.compile on CPU needs a C++ compiler")
+@needs_cxx
 def test_compiled_training_loss_keeps_the_head_on_supervised_positions(monkeypatch):
     # Under torch.compile the head-and-loss part runs eagerly (a graph break), so the head still
     # sees only the supervised rows; loss and gradients equal eager ones.
