@@ -213,6 +213,8 @@ def test_compare_writes_every_measure_with_ratio_and_the_bounds(tmp_path):
     for measure in result["measures"].values():
         assert measure["ours"] > 0 and measure["reference"] > 0
         assert math.isclose(measure["ratio"], measure["ours"] / measure["reference"], rel_tol=1e-6)
+        assert measure["verdict"] == compare.verdict(measure["ratio"], measure["ratio_p25"], measure["ratio_p75"],
+                                                     measure["target"])
     assert result["decode_memory_bound"]["tokens_per_s"] > 0
     bounds = result["train_compute_bound"]
     assert set(bounds) == {"train_tokens_per_s", "train_sft_tokens_per_s"}
@@ -221,3 +223,13 @@ def test_compare_writes_every_measure_with_ratio_and_the_bounds(tmp_path):
         assert 0 < bound["ours_gflop_per_step"] < bound["reference_gflop_per_step"]
         assert math.isclose(bound["ceiling_ratio"], bound["reference_step_s"] / bound["ours_floor_step_s"])
     assert bounds["train_sft_tokens_per_s"]["ours_gflop_per_step"] < bounds["train_tokens_per_s"]["ours_gflop_per_step"]
+
+
+def test_compare_verdict_calls_a_target_inside_the_ratio_spread_borderline():
+    from nanovlm.bench.compare import verdict
+
+    assert verdict(1.30, 1.25, 1.35, target=1.2) == "met"
+    assert verdict(1.10, 1.05, 1.15, target=1.2) == "not met"
+    assert verdict(1.21, 1.18, 1.29, target=1.2) == "borderline (met at the median)"
+    assert verdict(1.19, 1.17, 1.22, target=1.2) == "borderline (not met at the median)"
+    assert verdict(1.20, 1.20, 1.24, target=1.2) == "met"
