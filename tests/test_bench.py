@@ -222,6 +222,8 @@ def test_compare_writes_every_measure_with_ratio_and_the_bounds(tmp_path):
         # Ours skips the LM head on unsupervised positions: fewer FLOPs than the reference's step.
         assert 0 < bound["ours_gflop_per_step"] < bound["reference_gflop_per_step"]
         assert math.isclose(bound["ceiling_ratio"], bound["reference_step_s"] / bound["ours_floor_step_s"])
+        assert 0 < bound["ours_warm_gemm_step_s"] < math.inf
+        assert math.isclose(bound["warm_gemm_ceiling_ratio"], bound["reference_step_s"] / bound["ours_warm_gemm_step_s"])
     assert bounds["train_sft_tokens_per_s"]["ours_gflop_per_step"] < bounds["train_tokens_per_s"]["ours_gflop_per_step"]
 
 
@@ -233,3 +235,21 @@ def test_compare_verdict_calls_a_target_inside_the_ratio_spread_borderline():
     assert verdict(1.21, 1.18, 1.29, target=1.2) == "borderline (met at the median)"
     assert verdict(1.19, 1.17, 1.22, target=1.2) == "borderline (not met at the median)"
     assert verdict(1.20, 1.20, 1.24, target=1.2) == "met"
+
+
+def test_warm_gemm_seconds_times_every_matrix_product_of_the_step(monkeypatch):
+    # One step of a runner whose "training" is two known GEMMs: both are recorded (with their
+    # layouts) and timed; the total is the sum of the per-call times.
+    from nanovlm.bench import compare
+
+    a, w = torch.randn(64, 32), torch.randn(48, 32)
+
+    class TwoGemms:
+        def train_step(self, batch):
+            (a @ w.t()).sum()
+            torch.addmm(torch.zeros(48), a, w.t())
+
+    seen = []
+    monkeypatch.setattr(compare, "timed", lambda fn, device: seen.append(fn) or 0.25)
+    assert compare.warm_gemm_seconds(TwoGemms(), batch=None, repeats=3) == 0.5
+    assert len(seen) == 6
