@@ -252,4 +252,4 @@ def test_warm_gemm_seconds_times_every_matrix_product_of_the_step(monkeypatch):
     seen = []
     monkeypatch.setattr(compare, "timed", lambda fn, device: seen.append(fn) or 0.25)
     assert compare.warm_gemm_seconds(TwoGemms(), batch=None, repeats=3) == 0.5
-    assert len(seen) == 6
+    assert len(seen) == 6   # 3 timed runs of each GEMM
