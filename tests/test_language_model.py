@@ -108,6 +108,19 @@ def test_decoder_accepts_embeddings_as_well_as_ids(tmp_path):
         assert torch.equal(decoder(ids), decoder(decoder.token_embedding(ids)))
 
 
+def test_deferring_the_last_mlp_then_finishing_any_rows_equals_the_full_forward(tmp_path):
+    _, hf_cfg = _llama(tmp_path, tied=True)
+    decoder = _ours(tmp_path, hf_cfg, tied=True).decoder
+    ids = torch.randint(0, VOCAB, (2, 7))
+    rows = torch.tensor([[0, 0, 1, 1, 0, 1, 1], [1, 0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        full = decoder(ids)
+        attended = decoder(ids, defer_last_mlp=True)
+        assert torch.allclose(decoder.finish(attended[rows]), full[rows], atol=1e-6)
+        with pytest.raises(ValueError, match="defer_last_mlp"):
+            decoder(ids, kv_cache=decoder.new_kv_cache(2, 8), defer_last_mlp=True)
+
+
 def test_rope_inv_freq_is_a_saved_buffer():
     cfg = VLMConfig(lm_hidden_dim=32, lm_n_heads=4, lm_n_kv_heads=2, lm_inter_dim=64, lm_n_blocks=1,
                     lm_re_base=10000)

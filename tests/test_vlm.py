@@ -129,7 +129,8 @@ def _loss_and_grads(model, forward, batch, return_logits):
 
 
 def test_training_loss_without_logits_equals_the_full_loss_and_its_gradients():
-    # return_logits=False applies the head to the supervised positions only: same loss, same grads.
+    # return_logits=False applies the last block's MLP, the final norm and the head to the
+    # supervised positions only: same loss, same grads.
     model, batch = _answer_only_batch()
     logits, full, full_grads = _loss_and_grads(model, model, batch, return_logits=True)
     assert logits is not None

@@ -208,7 +208,15 @@ class LanguageModelBlock(nn.Module):
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x, cos, sin, mask, is_causal, cache=None, layer=0):
-        x = x + self.attn(self.norm1(x), cos, sin, mask, is_causal, cache, layer)
+        return self.feed_forward(self.attend(x, cos, sin, mask, is_causal, cache, layer))
+
+    def attend(self, x, cos, sin, mask, is_causal, cache=None, layer=0):
+        """The attention half of the block, with its residual: x + attn(norm1(x))."""
+        return x + self.attn(self.norm1(x), cos, sin, mask, is_causal, cache, layer)
+
+    def feed_forward(self, x):
+        """The MLP half, with its residual: x + mlp(norm2(x)). Position-wise, so any rows of
+        [..., D] (e.g. only the supervised positions of a batch) give those rows' outputs."""
         return x + self.mlp(self.norm2(x))
 
 
@@ -240,10 +248,16 @@ class LanguageModel(nn.Module):
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, defer_last_mlp: bool = False,
+                ) -> torch.Tensor:
         """x: ids [B, T] or embeddings [B, T, D]. attention_mask [B, T] (1 = real token, padding on
         the left); with a cache it may also cover the cached positions ([B, length + T]).
         position_ids default to counting real tokens (cumsum of the mask) or continuing the cache.
+
+        defer_last_mlp=True (training, no cache) stops after the last block's attention and
+        returns that residual stream [B, T, D]; `finish(rows)` completes any rows of it. The last
+        MLP and the final norm are position-wise, so a loss that reads a few positions runs them
+        only there (the attention before them needs every position, as keys and values).
 
         Decoding: with `rope` = this step's (cos, sin) slices of `decode_rope`, x is one token id
         per row [B] and the result is [B, D] (see `decode_step`)."""
@@ -266,12 +280,22 @@ class LanguageModel(nn.Module):
         mask, is_causal = _attention_mask(key_mask, T, past, x.device)
         cos, sin = self.rotary_embd(position_ids, x.dtype)
 
+        if defer_last_mlp:
+            if kv_cache is not None:
+                raise ValueError("defer_last_mlp is for training forwards; it cannot fill a KV cache.")
+            for block in self.blocks[:-1]:
+                x = block(x, cos, sin, mask, is_causal)
+            return self.blocks[-1].attend(x, cos, sin, mask, is_causal)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, is_causal, kv_cache, i)
         if kv_cache is not None:
             kv_cache.length += T
             kv_cache.next_position = position_ids[:, -1] + 1
         return self.norm(x)
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows [..., D] of `forward(..., defer_last_mlp=True)` -> their final hidden states."""
+        return self.norm(self.blocks[-1].feed_forward(x))
 
     # ------------------------------------------------------------------ decoding
     def decode_rope(self, kv_cache: KVCache, n_steps: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -128,26 +128,32 @@ class VisionLanguageModel(nn.Module):
         sample; attention_mask [B, T] (1 = real token, left padding); targets [B, T], already
         shifted, -100 = ignored. Returns (logits [B, T, V], loss or None).
 
-        `return_logits=False` (training) returns (None, loss) and applies the LM head only to the
-        supervised positions: image tokens and prompts are most of a VLM's sequence, and the head
-        (vocabulary x hidden) with its softmax is the decoder's largest single layer."""
-        hidden = self.decoder(self.embed(input_ids, images), attention_mask=attention_mask)
+        `return_logits=False` (training) returns (None, loss) and applies the last block's MLP, the
+        final norm and the LM head only to the supervised positions: image tokens and prompts are
+        most of a VLM's sequence, and the head (vocabulary x hidden) with its softmax is the
+        decoder's largest single layer."""
+        embeds = self.embed(input_ids, images)
+        if targets is not None and not return_logits:
+            # Up to the last block's attention; its MLP, the final norm and the head then run
+            # on the supervised positions only.
+            return None, self._supervised_loss(
+                self.decoder(embeds, attention_mask=attention_mask, defer_last_mlp=True), targets)
+        hidden = self.decoder(embeds, attention_mask=attention_mask)
         if targets is None:
             return self.decoder.head(hidden), None
-        if return_logits:
-            logits = self.decoder.head(hidden)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                   ignore_index=-100)
-            return logits, loss
-        return None, self._supervised_loss(hidden, targets)
+        logits = self.decoder.head(hidden)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                               ignore_index=-100)
+        return logits, loss
 
     # The selection's shape depends on the data: torch.compile runs this part eagerly (one graph
-    # break) and compiles what comes before it, so compiled training keeps the head's savings.
+    # break) and compiles what comes before it, so compiled training keeps these savings.
     @torch.compiler.disable
-    def _supervised_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The LM head and cross-entropy on the supervised positions only: hidden [B, T, D]."""
+    def _supervised_loss(self, attended: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The last block's MLP, the final norm, the LM head and cross-entropy on the supervised
+        positions only: attended [B, T, D] from `decoder(..., defer_last_mlp=True)`."""
         supervised = targets != -100
-        rows, head = hidden[supervised], self.decoder.head                       # [n_supervised, D]
+        rows, head = self.decoder.finish(attended[supervised]), self.decoder.head  # [n_supervised, D]
         if rows.dtype == torch.float32 and head.bias is None and not torch.is_autocast_enabled(rows.device.type):
             return linear_cross_entropy(rows, head.weight, targets[supervised])
         return F.cross_entropy(head(rows).float(), targets[supervised])
