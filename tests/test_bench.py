@@ -3,6 +3,7 @@ metrics, the reference carries our weights and computes our outputs, and benchma
 measure each point once (cache), skip invalid points and log to MLflow."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -253,3 +254,18 @@ def test_warm_gemm_seconds_times_every_matrix_product_of_the_step(monkeypatch):
     monkeypatch.setattr(compare, "timed", lambda fn, device: seen.append(fn) or 0.25)
     assert compare.warm_gemm_seconds(TwoGemms(), batch=None, repeats=3) == 0.5
     assert len(seen) == 6   # 3 timed runs of each GEMM
+
+
+def test_compare_keep_freed_memory_applies_to_the_process_and_is_recorded(monkeypatch):
+    from nanovlm.bench import compare
+    from nanovlm.training import loop
+
+    for name in [k for k in os.environ if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD")]:
+        monkeypatch.delenv(name)
+    calls = []
+    monkeypatch.setattr(loop, "keep_freed_memory", lambda: calls.append(1) or True)
+    assert compare.allocator_setting(False) == "glibc defaults" and not calls
+    assert compare.allocator_setting(True).startswith("glibc keeps freed memory") and calls == [1]
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1073741824")
+    assert compare.allocator_setting(True) == "set by the environment: MALLOC_TRIM_THRESHOLD_=1073741824"
+    assert calls == [1]

@@ -246,8 +246,23 @@ def free_cores() -> int:
     return max(1, min(cores, cores - round(os.getloadavg()[0])))
 
 
+def allocator_setting(keep_freed: bool) -> str:
+    """Apply (when asked) and describe the malloc behaviour both sides run under. It moves the
+    ratios: measured on `mid` at 1 thread, keeping freed memory sped the reference's training step
+    up by 3% and ours (which reuses its largest buffers in place) by 0.2%."""
+    from nanovlm.training.loop import keep_freed_memory
+
+    preset_env = sorted(k for k in os.environ if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD"))
+    if preset_env:
+        return "set by the environment: " + ", ".join(f"{k}={os.environ[k]}" for k in preset_env)
+    if keep_freed and keep_freed_memory():
+        return "glibc keeps freed memory (keep_freed_memory: mmap threshold 32 MB, trim threshold 1 GB)"
+    return "glibc defaults"
+
+
 def markdown(results: dict) -> str:
-    lines = ["| config | params | measure | ours | reference | ratio (paired median) | ratio IQR | target | verdict |",
+    lines = [f"malloc: {results['machine']['allocator']}", "",
+             "| config | params | measure | ours | reference | ratio (paired median) | ratio IQR | target | verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["configs"].items():
         for key, m in r["measures"].items():
@@ -286,8 +301,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="also measure ours compiled against the same eager reference: training and prefill "
                              "under torch.compile, decoding with generate(compile=True) (on CPU the fused C++ "
                              "decode step); the first steps compile (tens of seconds per config)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="tell glibc's malloc to keep freed memory (what the training loop does on CPU, "
+                             "`keep_freed_memory`) for the whole process, so for both sides: without it, each "
+                             "side pays the page faults of its own allocation pattern")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    allocator = allocator_setting(args.keep_freed_memory)
     torch.set_num_threads(args.threads or free_cores())
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
@@ -298,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"host": platform.node(), "processor": platform.processor() or platform.machine(),
                     "cores": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
                     "torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu",
-                    "dtype": "float32"},
+                    "dtype": "float32", "allocator": allocator},
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "settings": settings.__dict__,
         "configs": {},
