@@ -250,13 +250,13 @@ def allocator_setting(keep_freed: bool) -> str:
     """Apply (when asked) and describe the malloc behaviour both sides run under. It moves the
     ratios: measured on `mid` at 1 thread, keeping freed memory sped the reference's training step
     up by 3% and ours (which reuses its largest buffers in place) by 0.2%."""
-    from nanovlm.training.loop import keep_freed_memory
+    from nanovlm.training import loop
 
-    preset_env = sorted(k for k in os.environ if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD"))
-    if preset_env:
-        return "set by the environment: " + ", ".join(f"{k}={os.environ[k]}" for k in preset_env)
-    if keep_freed and keep_freed_memory():
-        return "glibc keeps freed memory (keep_freed_memory: mmap threshold 32 MB, trim threshold 1 GB)"
+    given = loop.malloc_environment()
+    if given:
+        return "set by the environment: " + ", ".join(f"{k}={v}" for k, v in sorted(given.items()))
+    if keep_freed and loop.keep_freed_memory():
+        return loop.KEPT_MEMORY_SETTING
     return "glibc defaults"
 
 

@@ -58,21 +58,35 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+KEPT_MMAP_THRESHOLD = 32 << 20   # bytes: larger blocks still get their own mmap
+KEPT_TRIM_THRESHOLD = 1 << 30    # bytes of free heap top kept before glibc trims it
+KEPT_MEMORY_SETTING = (f"glibc keeps freed memory (mmap threshold {KEPT_MMAP_THRESHOLD >> 20} MiB, "
+                       f"trim threshold {KEPT_TRIM_THRESHOLD >> 30} GiB)")
+
+
+def malloc_environment() -> dict[str, str]:
+    """The allocator settings the environment gives: MALLOC_* / GLIBC_TUNABLES variables and a
+    non-empty LD_PRELOAD (another allocator); `keep_freed_memory` leaves those alone."""
+    return {k: v for k, v in os.environ.items()
+            if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" or (k == "LD_PRELOAD" and v)}
+
+
 def keep_freed_memory() -> bool:
     """Tell glibc's malloc to keep the memory a training step frees for the next step instead
     of handing it back to the system, which the next step then faults in again page by page:
     measured on the 27M `compare` config's compiled CPU step (the same settings given as
     MALLOC_* variables), 3-15k page faults per step before, ~25 after, 360 -> 341 ms a step.
-    The process keeps its peak heap. Skipped (False) where MALLOC_* / GLIBC_TUNABLES settings or
-    an LD_PRELOADed allocator are given, or malloc is not glibc's."""
-    if os.environ.get("LD_PRELOAD") or any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
+    The process keeps its peak heap. Skipped (False) where the environment gives allocator
+    settings (`malloc_environment`), or malloc is not glibc's."""
+    if malloc_environment():
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3      # glibc's malloc.h
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+    return (bool(mallopt(m_mmap_threshold, KEPT_MMAP_THRESHOLD))
+            and bool(mallopt(m_trim_threshold, KEPT_TRIM_THRESHOLD)))
 
 
 def resolve_autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
@@ -174,7 +188,7 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None =
         # which x86 CPUs process ~100x slower: a tiny run stalled from 14 to <1 step/s.
         torch.set_flush_denormal(True)
         if keep_freed_memory():
-            logger.debug("glibc malloc keeps freed memory (M_TRIM_THRESHOLD 1 GiB, M_MMAP_THRESHOLD 32 MiB).")
+            logger.debug("%s.", KEPT_MEMORY_SETTING)
 
     def autocast():
         if amp_dtype is None:
