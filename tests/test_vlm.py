@@ -162,6 +162,22 @@ def test_compiled_training_loss_keeps_the_head_on_supervised_positions(monkeypat
         assert torch.allclose(grad, compiled_grads[name], atol=1e-5), name
 
 
+@needs_cxx
+def test_compiled_training_follows_the_number_of_supervised_positions():
+    # The compiled tail (last MLP and norm on the supervised rows) takes any row count: a second
+    # batch with more supervised positions gives the eager loss and gradients too.
+    model, batch = _answer_only_batch()
+    compiled = compile_for_training(model, torch.device("cpu"))
+    for answer in (3, 7):
+        batch["targets"] = torch.full_like(batch["input_ids"], -100)
+        batch["targets"][:, -answer:] = torch.randint(0, 100, (2, answer))
+        _, eager, eager_grads = _loss_and_grads(model, model, batch, return_logits=False)
+        _, loss, grads = _loss_and_grads(model, compiled, batch, return_logits=False)
+        assert torch.allclose(eager, loss, atol=1e-5), answer
+        for name, grad in eager_grads.items():
+            assert torch.allclose(grad, grads[name], atol=1e-5), (answer, name)
+
+
 def test_linear_cross_entropy_equals_linear_then_cross_entropy():
     torch.manual_seed(0)
     hidden = torch.randn(7, 16, requires_grad=True)

@@ -7,6 +7,7 @@ order; everything else is an ordinary causal language model. Checkpoints are a d
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -82,6 +83,19 @@ def _eager_embedding(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.embedding(ids, weight)
 
 
+def _finish_rows(decoder: LanguageModel, rows: torch.Tensor) -> torch.Tensor:
+    return decoder.finish(rows)
+
+
+@functools.cache
+def _compiled_finish_rows():
+    """`decoder.finish` compiled for any number of rows (dynamic shapes), with the C++ wrapper
+    that `compile_for_training` uses on CPU: its norms and SwiGLU fused instead of ~20 eager
+    kernels forward and backward (perf, mid compare step: 3 ms less CPU time). Built on first
+    use: torch.compile's import costs a second."""
+    return torch.compile(_finish_rows, dynamic=True, options={"cpp_wrapper": True})
+
+
 class VisionLanguageModel(nn.Module):
     def __init__(self, cfg: VLMConfig, load_backbone: bool = False):
         super().__init__()
@@ -148,8 +162,8 @@ class VisionLanguageModel(nn.Module):
         if targets is not None and not return_logits:
             # Up to the last block's attention; its MLP, the final norm and the head then run
             # on the supervised positions only.
-            return None, self._supervised_loss(
-                self.decoder(embeds, attention_mask=attention_mask, defer_last_mlp=True), targets)
+            attended = self.decoder(embeds, attention_mask=attention_mask, defer_last_mlp=True)
+            return None, self._supervised_loss(attended, targets, compiled=torch.compiler.is_compiling())
         hidden = self.decoder(embeds, attention_mask=attention_mask)
         if targets is None:
             return self.decoder.head(hidden), None
@@ -161,14 +175,20 @@ class VisionLanguageModel(nn.Module):
     # The selection's shape depends on the data: torch.compile runs this part eagerly (one graph
     # break) and compiles what comes before it, so compiled training keeps these savings.
     @torch.compiler.disable
-    def _supervised_loss(self, attended: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _supervised_loss(self, attended: torch.Tensor, targets: torch.Tensor, compiled: bool = False) -> torch.Tensor:
         """The last block's MLP, the final norm, the LM head and cross-entropy on the supervised
-        positions only: attended [B, T, D] from `decoder(..., defer_last_mlp=True)`."""
-        supervised = targets != -100
-        rows, head = self.decoder.finish(attended[supervised]), self.decoder.head  # [n_supervised, D]
+        positions only: attended [B, T, D] from `decoder(..., defer_last_mlp=True)`. compiled=True
+        (the forward runs under torch.compile) runs that MLP and norm compiled as well, on CPU,
+        for any number of rows."""
+        # index_select: forward and backward 0.14 ms, against 0.74 for boolean-mask indexing
+        # (CPU, 376 of 512 rows of 384).
+        positions = (targets.reshape(-1) != -100).nonzero().squeeze(1)
+        rows = attended.reshape(-1, attended.shape[-1]).index_select(0, positions)     # [n_supervised, D]
+        rows = _compiled_finish_rows()(self.decoder, rows) if compiled and rows.is_cpu else self.decoder.finish(rows)
+        head, targets = self.decoder.head, targets.reshape(-1)[positions]
         if rows.dtype == torch.float32 and head.bias is None and not torch.is_autocast_enabled(rows.device.type):
-            return linear_cross_entropy(rows, head.weight, targets[supervised])
-        return F.cross_entropy(head(rows).float(), targets[supervised])
+            return linear_cross_entropy(rows, head.weight, targets)
+        return F.cross_entropy(head(rows).float(), targets)
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
