@@ -3,7 +3,6 @@ metrics, the reference carries our weights and computes our outputs, and benchma
 measure each point once (cache), skip invalid points and log to MLflow."""
 
 import math
-import os
 
 import pytest
 import torch
@@ -260,7 +259,7 @@ def test_compare_keep_freed_memory_applies_to_the_process_and_is_recorded(monkey
     from nanovlm.bench import compare
     from nanovlm.training import loop
 
-    for name in [k for k in os.environ if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD")]:
+    for name in loop.malloc_environment():
         monkeypatch.delenv(name)
     calls = []
     monkeypatch.setattr(loop, "keep_freed_memory", lambda: calls.append(1) or True)

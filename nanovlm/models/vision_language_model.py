@@ -89,11 +89,13 @@ def _finish_rows(decoder: LanguageModel, rows: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def _compiled_finish_rows():
-    """`decoder.finish` compiled for any number of rows (dynamic shapes), with the C++ wrapper
-    that `compile_for_training` uses on CPU: its norms and SwiGLU fused instead of ~20 eager
-    kernels forward and backward (perf, mid compare step: 3 ms less CPU time). Built on first
-    use: torch.compile's import costs a second."""
-    return torch.compile(_finish_rows, dynamic=True, options={"cpp_wrapper": True})
+    """`decoder.finish` compiled for CPU (`compile_for_training`'s options) and any number of rows
+    (dynamic shapes): its norms and SwiGLU fused instead of ~20 eager kernels forward and backward
+    (perf, mid compare step: 3 ms less CPU time). Built on first use: torch.compile's import costs
+    a second, and nanovlm.training imports this module."""
+    from nanovlm.training.compiling import compile_for_training
+
+    return compile_for_training(_finish_rows, torch.device("cpu"), dynamic=True)
 
 
 class VisionLanguageModel(nn.Module):
