@@ -1,5 +1,7 @@
 """VisionLanguageModel.forward: image placeholders, per-sample image lists, loss, and the projector."""
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -176,6 +178,19 @@ def test_compiled_training_follows_the_number_of_supervised_positions():
         assert torch.allclose(eager, loss, atol=1e-5), answer
         for name, grad in eager_grads.items():
             assert torch.allclose(grad, grads[name], atol=1e-5), (answer, name)
+
+
+def test_compiled_training_with_a_mask_prints_no_graph_break_warning(caplog):
+    # The all-real-tokens check is read on the host (one graph break); Dynamo must not print its
+    # multi-line data-dependent-branch warning into every compiled training log.
+    torch._dynamo.reset()
+    model, batch = _answer_only_batch()
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    with caplog.at_level(logging.WARNING):
+        _, loss = compile_for_training(model, torch.device("cpu"))(**batch, return_logits=False)
+        loss.backward()
+    warned = [r.getMessage() for r in caplog.records if r.name.startswith("torch")]
+    assert not any("Graph break" in message for message in warned), warned
 
 
 def test_linear_cross_entropy_equals_linear_then_cross_entropy():

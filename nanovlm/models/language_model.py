@@ -272,7 +272,7 @@ class LanguageModel(nn.Module):
             x = self.token_embedding(x)
         B, T, _ = x.shape
         past = kv_cache.length if kv_cache is not None else 0
-        if attention_mask is not None and past == 0 and bool(attention_mask.all()):
+        if attention_mask is not None and past == 0 and _no_padding(attention_mask):
             # No padding: drop the mask so SDPA can take its causal (flash) path. One host sync
             # per prefill / training forward, never inside the decode loop.
             attention_mask = None
@@ -412,6 +412,14 @@ class LanguageModel(nn.Module):
             mask = attention_mask[:, -T:].long()
             return (mask.cumsum(-1) - 1).clamp(min=0)                        # 0 at each row's first real token
         return steps.expand(B, T)
+
+
+@torch.compiler.disable
+def _no_padding(attention_mask: torch.Tensor) -> bool:
+    """Whether every position is a real token. The answer picks the attention path, so it is
+    read on the host; under torch.compile that is one graph break, taken here without Dynamo's
+    multi-line warning about data-dependent branches."""
+    return bool(attention_mask.all())
 
 
 def _attention_mask(key_mask: torch.Tensor | None, T: int, past: int, device) -> tuple[torch.Tensor | None, bool]:
