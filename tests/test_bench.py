@@ -205,8 +205,12 @@ def test_compare_writes_every_measure_with_ratio_and_the_bounds(tmp_path):
     from nanovlm.bench import compare
 
     out = tmp_path / "compare.json"
-    compare.main(["--configs", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1", "--json", str(out)])
+    code = compare.main(["--configs", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1", "--no-compile",
+                         "--json", str(out)])
     result = json.loads(out.read_text())["configs"]["tiny"]
+    # Without compiled rows, "best" is ours eager, and the exit status says whether it reaches every target.
+    assert {key: b["mode"] for key, b in result["best"].items()} == dict.fromkeys(result["measures"], "eager")
+    assert code == (0 if all(m["ratio"] >= m["target"] for m in result["measures"].values()) else 1)
     assert result["check"]["greedy_tokens_identical"] and result["check"]["logits_max_abs_diff"] <= 1e-4
     assert set(result["measures"]) == {"train_tokens_per_s", "train_sft_tokens_per_s", "prefill_tokens_per_s",
                                        "decode_tokens_per_s"}
@@ -225,6 +229,24 @@ def test_compare_writes_every_measure_with_ratio_and_the_bounds(tmp_path):
         assert 0 < bound["ours_warm_gemm_step_s"] < math.inf
         assert math.isclose(bound["warm_gemm_ceiling_ratio"], bound["reference_step_s"] / bound["ours_warm_gemm_step_s"])
     assert bounds["train_sft_tokens_per_s"]["ours_gflop_per_step"] < bounds["train_tokens_per_s"]["ours_gflop_per_step"]
+
+
+def test_compare_best_of_ours_takes_the_faster_mode_per_measure():
+    from nanovlm.bench.compare import best_of_ours
+
+    def m(ratio, target):
+        return {"ratio": ratio, "ratio_p25": ratio - 0.05, "ratio_p75": ratio + 0.05, "target": target,
+                "verdict": "v"}
+
+    best = best_of_ours({"train_tokens_per_s": m(1.1, 1.2), "train_tokens_per_s_compiled": m(1.3, 1.2),
+                         "prefill_tokens_per_s": m(1.1, 1.0),
+                         "decode_tokens_per_s": m(1.6, 2.0), "decode_tokens_per_s_compiled": m(1.5, 2.0)})
+    assert set(best) == {"train_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s"}
+    assert (best["train_tokens_per_s"]["mode"], best["train_tokens_per_s"]["ratio"], best["train_tokens_per_s"]["met"]) \
+        == ("compiled", 1.3, True)
+    assert (best["prefill_tokens_per_s"]["mode"], best["prefill_tokens_per_s"]["met"]) == ("eager", True)
+    assert (best["decode_tokens_per_s"]["mode"], best["decode_tokens_per_s"]["ratio"], best["decode_tokens_per_s"]["met"]) \
+        == ("eager", 1.6, False)
 
 
 def test_compare_verdict_calls_a_target_inside_the_ratio_spread_borderline():

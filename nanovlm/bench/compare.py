@@ -1,6 +1,6 @@
 """Ours vs transformers' Idefics3, same weights, same process, same run.
 
-    python -m nanovlm.bench.compare [--json PATH] [--configs tiny,mid] [--repeats 7] [--threads N]
+    python -m nanovlm.bench.compare [--json PATH] [--configs tiny,mid] [--repeats 7] [--threads N] [--no-compile]
 
 For each config: build our model (random weights, perturbed so norms and biases are not
 trivial), export the weights into the reference, check the outputs agree (logits max abs
@@ -9,9 +9,11 @@ training tokens/s, prefill tokens/s (prompt positions / time to first token) and
 tokens/s at batch 1 with 64 new tokens. Ratios are ours / reference (> 1 = ours faster).
 Training runs twice: every text token supervised, and only the answer (the last 16 of 48 text
 tokens; how a VLM is instruction-tuned, and where our head-on-supervised-positions saves work).
-Both sides use fused AdamW (HF's Trainer default). --compile adds ours compiled (torch.compile
-for training; generate(compile=True), on CPU the fused C++ decode step, for decoding) against
-the same eager reference. Also prints the memory-bandwidth bound of batch-1 decoding
+Both sides use fused AdamW (HF's Trainer default). Ours is measured twice against the same eager
+reference: eager, and compiled (torch.compile for training; generate(compile=True), on CPU the
+fused C++ decode step, for decoding); --no-compile skips the compiled rows. The summary takes,
+per measure, the faster of ours' two modes, and the exit status is 0 when every measure of every
+config reaches its target there (at the median of the paired ratios). Also prints the memory-bandwidth bound of batch-1 decoding
 and two compute bounds of a training step: its FLOPs at the best matmul rate of the run, and
 its matrix products each timed warm on its own (what ours would take if nothing else cost time).
 """
@@ -65,7 +67,7 @@ class CompareSettings:
     decode_new_tokens: int = 64
     warmup: int = 2
     repeats: int = 7
-    compile: bool = False          # also measure ours compiled (the reference stays eager)
+    compile: bool = True           # also measure ours compiled (the reference stays eager)
 
 
 def build_pair(cfg: VLMConfig, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -188,6 +190,20 @@ def _paired(res: dict, metric: str, ours: str = "ours", target: float | None = N
             "ours_rel_iqr": o.rel_iqr, "reference_rel_iqr": r.rel_iqr}
 
 
+def best_of_ours(measures: dict) -> dict:
+    """Per measure (the keys without `_compiled`): ours' faster mode, eager or compiled, with its
+    ratio, target and verdict, and whether its median ratio reaches the target."""
+    best = {}
+    for key, eager in measures.items():
+        if key.endswith("_compiled"):
+            continue
+        compiled = measures.get(f"{key}_compiled")
+        mode, m = ("compiled", compiled) if compiled and compiled["ratio"] > eager["ratio"] else ("eager", eager)
+        best[key] = {"mode": mode, "ratio": m["ratio"], "ratio_p25": m["ratio_p25"], "ratio_p75": m["ratio_p75"],
+                     "target": m["target"], "verdict": m["verdict"], "met": m["ratio"] >= m["target"]}
+    return best
+
+
 def compare_config(name: str, cfg: VLMConfig, s: CompareSettings) -> dict:
     """Measures (key -> ours, reference, paired ratio, target):
 
@@ -236,7 +252,7 @@ def compare_config(name: str, cfg: VLMConfig, s: CompareSettings) -> dict:
                                                            TARGETS["decode_tokens_per_s"])
     floor = decode_floor_tokens_per_s(ours_model)
     floor["ceiling_ratio"] = floor["tokens_per_s"] / measures["decode_tokens_per_s"]["reference"]
-    return {"params": param_counts(cfg)["total"], "check": check, "measures": measures,
+    return {"params": param_counts(cfg)["total"], "check": check, "measures": measures, "best": best_of_ours(measures),
             "decode_memory_bound": floor, "train_compute_bound": train_bounds, "matmul_peak_flops": peak}
 
 
@@ -269,6 +285,12 @@ def markdown(results: dict) -> str:
             lines.append(f"| {name} | {r['params'] / 1e6:.1f}M | {key} | {m['ours']:.1f} | {m['reference']:.1f} "
                          f"| {m['ratio']:.2f} | {m['ratio_p25']:.2f}-{m['ratio_p75']:.2f} | >= {m['target']} "
                          f"| {m['verdict']} |")
+    lines += ["", "Best of ours (eager or compiled) per measure:", "",
+              "| config | measure | ours' mode | ratio | ratio IQR | target | verdict |", "|---|---|---|---|---|---|---|"]
+    for name, r in results["configs"].items():
+        for key, b in r["best"].items():
+            lines.append(f"| {name} | {key} | {b['mode']} | {b['ratio']:.2f} | {b['ratio_p25']:.2f}-{b['ratio_p75']:.2f} "
+                         f"| >= {b['target']} | {b['verdict']} |")
     for name, r in results["configs"].items():
         f = r["decode_memory_bound"]
         lines.append(f"\n{name}: batch-1 decoding reads {f['weight_mb_per_token']:.1f} MB of weights per token; "
@@ -297,10 +319,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads (default: the cores the 1-minute load average leaves free, at "
                              "least 1: on a shared machine, OpenMP threads that wait for a busy core turn "
                              "every small op into a scheduler delay)")
-    parser.add_argument("--compile", action="store_true",
-                        help="also measure ours compiled against the same eager reference: training and prefill "
-                             "under torch.compile, decoding with generate(compile=True) (on CPU the fused C++ "
-                             "decode step); the first steps compile (tens of seconds per config)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=CompareSettings.compile,
+                        help="also measure ours compiled against the same eager reference (default; --no-compile "
+                             "skips it): training under torch.compile, decoding with generate(compile=True) (on "
+                             "CPU the fused C++ decode step, built once per machine in ~25 s); the first steps "
+                             "compile (tens of seconds per config)")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="tell glibc's malloc to keep freed memory (what the training loop does on CPU, "
                              "`keep_freed_memory`) for the whole process, so for both sides: without it, each "
@@ -329,8 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-    all_ok = all(m["ratio"] >= m["target"] for r in results["configs"].values() for m in r["measures"].values())
-    return 0 if all_ok else 1
+    return 0 if all(b["met"] for r in results["configs"].values() for b in r["best"].values()) else 1
 
 
 if __name__ == "__main__":
