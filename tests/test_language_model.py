@@ -127,3 +127,24 @@ def test_rope_inv_freq_is_a_saved_buffer():
     model = VisionLanguageModel(cfg.replace(vit_hidden_dim=32, vit_inter_dim=64, vit_n_heads=4, vit_n_blocks=1))
     inv_freq = model.state_dict()["decoder.rotary_embd.inv_freq"]
     assert torch.allclose(inv_freq, 1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8))
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(6, 2), (4, 4)])
+def test_grouped_causal_attention_equals_causal_sdpa_and_its_gradients(n_heads, n_kv_heads):
+    # The written-out causal attention compiled training uses on CPU for short sequences.
+    from nanovlm.models.language_model import grouped_causal_attention
+
+    torch.manual_seed(0)
+    B, T, hd = 3, 11, 8
+    q, k, v = (torch.randn(B, T, h, hd, dtype=torch.float64, requires_grad=True)
+               for h in (n_heads, n_kv_heads, n_kv_heads))
+    ours = grouped_causal_attention(q, k, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+        enable_gqa=n_heads != n_kv_heads).transpose(1, 2).reshape(B, T, n_heads * hd)
+    assert torch.allclose(ours, ref, atol=1e-12)
+    grad = torch.randn_like(ours)
+    ours_grads = torch.autograd.grad(ours, (q, k, v), grad)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    for a, b in zip(ours_grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-12)

@@ -139,6 +139,32 @@ def register_split_hooks(module: nn.Module, fused: str, parts: Sequence[tuple[st
     module.register_load_state_dict_pre_hook(concat_on_load)
 
 
+# Up to this many positions, causal attention without padding runs written out under torch.compile
+# on CPU (`grouped_causal_attention`); beyond it, flash SDPA, which skips the masked half.
+CAUSAL_MATH_ATTENTION_MAX_LEN = 128
+
+
+def grouped_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+    """Causal softmax(q k^T / sqrt(hd)) v written out, q [B, T, H, hd], k and v [B, T, Hkv, hd] ->
+    [B, T, H * hd]. The query heads of each KV group are stacked along the sequence axis, so each
+    KV head is read once and the products are [n_groups * T, hd] x [hd, T] per KV head. For
+    torch.compile on CPU: at [8, 64 positions, 6 heads, 2 KV heads, 64] forward and backward took
+    1.45 ms against 2.04 for flash SDPA compiled at 2 threads (2.40 vs 2.68 at 1; 3.9 vs 4.9 ms
+    at 128 positions; slower from 256, where SDPA's skipping of the masked half pays)."""
+    B, T, H, hd = q.shape
+    Hkv = k.shape[2]
+    G = H // Hkv
+    qg = q.reshape(B, T, Hkv, G, hd).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, hd)
+    scores = (qg * hd ** -0.5) @ k.permute(0, 2, 3, 1)                          # [B, Hkv, G T, T]
+    row_position = torch.arange(G * T, device=q.device) % T
+    future = torch.arange(T, device=q.device)[None, :] > row_position[:, None]
+    weights = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+    if dropout > 0.0:
+        weights = F.dropout(weights, dropout)
+    y = weights @ v.transpose(1, 2)                                             # [B, Hkv, G T, hd]
+    return y.view(B, Hkv, G, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H * hd)
+
+
 class GroupedQueryAttention(nn.Module):
     def __init__(self, cfg: VLMConfig):
         super().__init__()
@@ -166,8 +192,11 @@ class GroupedQueryAttention(nn.Module):
         qk, v = qkv.split([(H + Hkv) * hd, Hkv * hd], dim=-1)
         qk = apply_rotary(qk.view(B, T, H + Hkv, hd), cos, sin)
         q, k = qk.split([H, Hkv], dim=2)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)                               # [B, H | Hkv, T, hd]
-        v = v.view(B, T, Hkv, hd).transpose(1, 2)
+        v = v.view(B, T, Hkv, hd)
+        if (cache is None and mask is None and is_causal and x.device.type == "cpu"
+                and T <= CAUSAL_MATH_ATTENTION_MAX_LEN and torch.compiler.is_compiling()):
+            return self.out_proj(grouped_causal_attention(q, k, v, self.dropout if self.training else 0.0))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)       # [B, H | Hkv, T, hd]
 
         if cache is not None:
             start, end = cache.length, cache.length + T

@@ -64,8 +64,11 @@ class ViTAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
-        qkv = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)   # each [B, H, T, hd]
+        # split, not a permute and unbind: their backward is a stack, which inductor (CPU) wrote as
+        # one more copy of the gradient; a split's is a cat into the gradient's columns (paired
+        # A/B, compiled 27M compare step, below).
+        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)      # each [B, H, T, hd]
+                   for t in self.qkv_proj(x).split(D, dim=-1))
         dropout = self.dropout if self.training else 0.0
         if x.device.type == "cpu" and T <= MATH_ATTENTION_MAX_LEN and torch.compiler.is_compiling():
             # softmax(q k^T / sqrt(hd)) v written out: compiled on CPU, its forward and backward
