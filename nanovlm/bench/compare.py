@@ -13,9 +13,10 @@ Both sides use fused AdamW (HF's Trainer default). Ours is measured twice agains
 reference: eager, and compiled (torch.compile for training; generate(compile=True), on CPU the
 fused C++ decode step, for decoding); --no-compile skips the compiled rows. The summary takes,
 per measure, the faster of ours' two modes, and the exit status is 0 when every measure of every
-config reaches its target there (at the median of the paired ratios). Also prints the memory-bandwidth bound of batch-1 decoding
-and two compute bounds of a training step: its FLOPs at the best matmul rate of the run, and
-its matrix products each timed warm on its own (what ours would take if nothing else cost time).
+config reaches its target there (at the median of the paired ratios). Also prints the
+memory-bandwidth bound of batch-1 decoding and two compute bounds of a training step: its FLOPs
+at the best matmul rate of the run, and its matrix products each timed warm on its own (what
+ours would take if nothing else cost time).
 """
 
 from __future__ import annotations
@@ -252,8 +253,8 @@ def compare_config(name: str, cfg: VLMConfig, s: CompareSettings) -> dict:
                                                            TARGETS["decode_tokens_per_s"])
     floor = decode_floor_tokens_per_s(ours_model)
     floor["ceiling_ratio"] = floor["tokens_per_s"] / measures["decode_tokens_per_s"]["reference"]
-    return {"params": param_counts(cfg)["total"], "check": check, "measures": measures, "best": best_of_ours(measures),
-            "decode_memory_bound": floor, "train_compute_bound": train_bounds, "matmul_peak_flops": peak}
+    return {"params": param_counts(cfg)["total"], "check": check, "measures": measures,
+            "best": best_of_ours(measures), "decode_memory_bound": floor, "train_compute_bound": train_bounds, "matmul_peak_flops": peak}
 
 
 def free_cores() -> int:
@@ -286,11 +287,12 @@ def markdown(results: dict) -> str:
                          f"| {m['ratio']:.2f} | {m['ratio_p25']:.2f}-{m['ratio_p75']:.2f} | >= {m['target']} "
                          f"| {m['verdict']} |")
     lines += ["", "Best of ours (eager or compiled) per measure:", "",
-              "| config | measure | ours' mode | ratio | ratio IQR | target | verdict |", "|---|---|---|---|---|---|---|"]
+              "| config | measure | ours' mode | ratio | ratio IQR | target | verdict |",
+              "|---|---|---|---|---|---|---|"]
     for name, r in results["configs"].items():
         for key, b in r["best"].items():
-            lines.append(f"| {name} | {key} | {b['mode']} | {b['ratio']:.2f} | {b['ratio_p25']:.2f}-{b['ratio_p75']:.2f} "
-                         f"| >= {b['target']} | {b['verdict']} |")
+            lines.append(f"| {name} | {key} | {b['mode']} | {b['ratio']:.2f} "
+                         f"| {b['ratio_p25']:.2f}-{b['ratio_p75']:.2f} | >= {b['target']} | {b['verdict']} |")
     for name, r in results["configs"].items():
         f = r["decode_memory_bound"]
         lines.append(f"\n{name}: batch-1 decoding reads {f['weight_mb_per_token']:.1f} MB of weights per token; "
