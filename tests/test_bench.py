@@ -199,7 +199,7 @@ def test_gpu_check_rehearses_on_cpu_and_reports_every_measurement(tmp_path, caps
     assert "| decode_bs1 | decode_tokens_per_s |" in capsys.readouterr().out
 
 
-def test_compare_writes_every_measure_with_ratio_and_the_bounds(tmp_path):
+def test_compare_writes_every_measure_with_ratio_and_the_bounds(tmp_path, capsys):
     import json
 
     from nanovlm.bench import compare
@@ -207,6 +207,7 @@ def test_compare_writes_every_measure_with_ratio_and_the_bounds(tmp_path):
     out = tmp_path / "compare.json"
     code = compare.main(["--configs", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1", "--no-compile",
                          "--json", str(out)])
+    assert "threads: 1 of " in capsys.readouterr().out
     result = json.loads(out.read_text())["configs"]["tiny"]
     # Without compiled rows, "best" is ours eager, and the exit status says whether it reaches every target.
     assert {key: b["mode"] for key, b in result["best"].items()} == dict.fromkeys(result["measures"], "eager")

@@ -278,7 +278,10 @@ def allocator_setting(keep_freed: bool) -> str:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"malloc: {results['machine']['allocator']}", "",
+    machine = results["machine"]
+    lines = [f"malloc: {machine['allocator']}",
+             f"threads: {machine['threads']} of {machine['cores']} cores (1-minute load average at the start "
+             f"{machine['load_average_1min']:.2f}; --threads N sets them)", "",
              "| config | params | measure | ours | reference | ratio (paired median) | ratio IQR | target | verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["configs"].items():
