@@ -193,9 +193,10 @@ class GroupedQueryAttention(nn.Module):
         qk = apply_rotary(qk.view(B, T, H + Hkv, hd), cos, sin)
         q, k = qk.split([H, Hkv], dim=2)
         v = v.view(B, T, Hkv, hd)
+        dropout = self.dropout if self.training else 0.0
         if (cache is None and mask is None and is_causal and x.device.type == "cpu"
                 and T <= CAUSAL_MATH_ATTENTION_MAX_LEN and torch.compiler.is_compiling()):
-            return self.out_proj(grouped_causal_attention(q, k, v, self.dropout if self.training else 0.0))
+            return self.out_proj(grouped_causal_attention(q, k, v, dropout))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)       # [B, H | Hkv, T, hd]
 
         if cache is not None:
@@ -204,7 +205,6 @@ class GroupedQueryAttention(nn.Module):
             cache.v[layer, :, :, start:end] = v
             k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]               # [B, Hkv, L, hd]
 
-        dropout = self.dropout if self.training else 0.0
         if T == 1 and self.n_groups > 1:
             # Decode step: fold the query heads of each KV group into the "sequence" axis, so
             # every KV head is read once instead of being copied n_groups times. Query head
