@@ -44,8 +44,32 @@ class ConfigError(ValueError):
     """A setting is unknown, of the wrong type, or describes a model that cannot be built."""
 
 
+_C = typing.TypeVar("_C", bound="_Serialised")
+
+
+class _Serialised:
+    """The one serialisation path both configs share: dicts, JSON files and checked replacement."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls: type[_C], data: dict[str, Any], *, strict: bool = True) -> _C:
+        return _from_dict(cls, data, strict=strict)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        return _to_json(self, path)
+
+    @classmethod
+    def from_json(cls: type[_C], path_or_text: str | Path, *, strict: bool = True) -> _C:
+        return cls.from_dict(_read_json(path_or_text), strict=strict)
+
+    def replace(self: _C, **changes: Any) -> _C:
+        return _replace(self, changes)
+
+
 @dataclass
-class VLMConfig:
+class VLMConfig(_Serialised):
     # --- vision transformer (SigLIP) ---
     vit_hidden_dim: int = 768
     vit_inter_dim: int = 3072
@@ -115,28 +139,10 @@ class VLMConfig:
         """Image tokens the projector emits per image: (grid / s)^2."""
         return (self.vit_grid_size // self.mp_pixel_shuffle_factor) ** 2
 
-    # ---------------------------------------------------------------- serialisation
-    def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], *, strict: bool = True) -> "VLMConfig":
-        return _from_dict(cls, data, strict=strict)
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        return _to_json(self, path)
-
-    @classmethod
-    def from_json(cls, path_or_text: str | Path, *, strict: bool = True) -> "VLMConfig":
-        return cls.from_dict(_read_json(path_or_text), strict=strict)
-
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "VLMConfig":
         """A named preset (see `PRESETS`), with optional field overrides."""
         return preset(name, **overrides)[0]
-
-    def replace(self, **changes: Any) -> "VLMConfig":
-        return _replace(self, changes)
 
     def validate(self) -> "VLMConfig":
         """Raise `ConfigError` for a model that cannot be built; return self otherwise."""
@@ -162,38 +168,29 @@ class VLMConfig:
         if errors:
             raise ConfigError("Invalid VLMConfig:\n  " + "\n  ".join(errors))
 
-        if self.vit_hidden_dim % self.vit_n_heads:
-            errors.append(
-                f"vit_hidden_dim={self.vit_hidden_dim} is not divisible by vit_n_heads={self.vit_n_heads}; "
-                f"pick vit_n_heads from {_divisors(self.vit_hidden_dim)}.")
-        if self.lm_hidden_dim % self.lm_n_heads:
-            errors.append(
-                f"lm_hidden_dim={self.lm_hidden_dim} is not divisible by lm_n_heads={self.lm_n_heads}; "
-                f"pick lm_n_heads from {_divisors(self.lm_hidden_dim)}.")
-        elif self.lm_head_dim % 2:
+        errors += _indivisible(self, "vit_hidden_dim", "vit_n_heads")
+        lm_heads = _indivisible(self, "lm_hidden_dim", "lm_n_heads")
+        errors += lm_heads
+        if not lm_heads and self.lm_head_dim % 2:
             errors.append(
                 f"lm_hidden_dim / lm_n_heads = {self.lm_head_dim} is odd; RoPE rotates pairs of "
                 "features, so the head dim must be even. Change lm_hidden_dim or lm_n_heads.")
-        if self.lm_n_heads % self.lm_n_kv_heads:
-            errors.append(
-                f"lm_n_heads={self.lm_n_heads} is not divisible by lm_n_kv_heads={self.lm_n_kv_heads} "
-                f"(grouped-query attention); pick lm_n_kv_heads from {_divisors(self.lm_n_heads)}.")
-        if self.vit_img_size % self.vit_patch_size:
-            errors.append(
-                f"vit_img_size={self.vit_img_size} is not divisible by vit_patch_size={self.vit_patch_size}; "
-                f"pick vit_patch_size from {_divisors(self.vit_img_size)}.")
-        elif self.vit_grid_size % self.mp_pixel_shuffle_factor:
-            errors.append(
-                f"the patch grid is {self.vit_grid_size}x{self.vit_grid_size} (vit_img_size / vit_patch_size) "
-                f"and mp_pixel_shuffle_factor={self.mp_pixel_shuffle_factor} does not divide it; "
-                f"pick mp_pixel_shuffle_factor from {_divisors(self.vit_grid_size)}.")
-        elif self.mp_image_token_length != self.expected_image_token_length():
-            errors.append(
-                f"mp_image_token_length={self.mp_image_token_length} but a "
-                f"{self.vit_grid_size}x{self.vit_grid_size} patch grid shuffled by "
-                f"mp_pixel_shuffle_factor={self.mp_pixel_shuffle_factor} gives "
-                f"{self.expected_image_token_length()} image tokens; set "
-                f"mp_image_token_length={self.expected_image_token_length()}.")
+        errors += _indivisible(self, "lm_n_heads", "lm_n_kv_heads", " (grouped-query attention)")
+        patches = _indivisible(self, "vit_img_size", "vit_patch_size")
+        errors += patches
+        if not patches:   # the grid checks need a whole number of patches
+            if self.vit_grid_size % self.mp_pixel_shuffle_factor:
+                errors.append(
+                    f"the patch grid is {self.vit_grid_size}x{self.vit_grid_size} (vit_img_size / vit_patch_size) "
+                    f"and mp_pixel_shuffle_factor={self.mp_pixel_shuffle_factor} does not divide it; "
+                    f"pick mp_pixel_shuffle_factor from {_divisors(self.vit_grid_size)}.")
+            elif self.mp_image_token_length != self.expected_image_token_length():
+                errors.append(
+                    f"mp_image_token_length={self.mp_image_token_length} but a "
+                    f"{self.vit_grid_size}x{self.vit_grid_size} patch grid shuffled by "
+                    f"mp_pixel_shuffle_factor={self.mp_pixel_shuffle_factor} gives "
+                    f"{self.expected_image_token_length()} image tokens; set "
+                    f"mp_image_token_length={self.expected_image_token_length()}.")
         # With an explicit vlm_image_token_id (e.g. an imported SmolVLM) the tokens already
         # exist in the base vocabulary, so no rows need to be added.
         if self.vlm_image_token_id is None and self.extra_token_amount < len(self.vlm_extra_tokens):
@@ -226,7 +223,7 @@ class VLMConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Serialised):
     # --- optimisation (nanoVLM names where they exist) ---
     lr_mp: float = 5e-3
     lr_vision_backbone: float = 5e-5      # 0 freezes the ViT
@@ -277,23 +274,6 @@ class TrainConfig:
     max_failures: int = 0
     storage_path: Optional[str] = None    # Ray Train storage; default under ~/.nanovlm/ray_results
     experiment_name: str = "nanovlm"      # MLflow experiment
-
-    def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], *, strict: bool = True) -> "TrainConfig":
-        return _from_dict(cls, data, strict=strict)
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        return _to_json(self, path)
-
-    @classmethod
-    def from_json(cls, path_or_text: str | Path, *, strict: bool = True) -> "TrainConfig":
-        return cls.from_dict(_read_json(path_or_text), strict=strict)
-
-    def replace(self, **changes: Any) -> "TrainConfig":
-        return _replace(self, changes)
 
     def validate(self) -> "TrainConfig":
         _check_types(self)
@@ -622,6 +602,14 @@ def parse_value(cls: type, name: str, raw: str) -> Any:
 def _suggestion(name: str, candidates: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _indivisible(cfg: Any, whole: str, part: str, why: str = "") -> list[str]:
+    """[] when field `part` divides field `whole`, else the one error naming both and the valid values."""
+    w, p = getattr(cfg, whole), getattr(cfg, part)
+    if w % p == 0:
+        return []
+    return [f"{whole}={w} is not divisible by {part}={p}{why}; pick {part} from {_divisors(w)}."]
 
 
 def _divisors(n: int) -> list[int]:
