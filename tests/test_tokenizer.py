@@ -82,7 +82,7 @@ def test_a_tokenizer_trained_on_a_local_dataset_serves_get_tokenizer(tmp_path):
 
     from nanovlm.config import CHATML_TEMPLATE, TrainConfig
     from nanovlm.data import get_tokenizer
-    from nanovlm.data.tokenizer_training import train_tokenizer_for_dataset
+    from nanovlm.data.datasets import train_tokenizer_for_dataset
 
     rows = [{"images": [Image.new("RGB", (8, 8))], "texts": [{"user": f"What is item {i}?", "assistant": "a widget"}]}
             for i in range(20)]

@@ -23,8 +23,10 @@ from typing import Any, Iterator, Sequence
 import torch
 from PIL import Image
 
+from nanovlm.data.processors import get_image_processor
 from nanovlm.data.prompts import IGNORE_INDEX, ConversationEncoder
 from nanovlm.data.shapes import ShapesRows
+from nanovlm.data.tokenizer_training import train_tokenizer_on_rows
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +310,6 @@ class DataSplits:
 def build_datasets(vlm_cfg, train_cfg, tokenizer, rank: int = 0, world_size: int = 1,
                    image_processor=None, shard_val: bool = False) -> DataSplits:
     """Train (this rank's disjoint, equal-length shard) and validation `VQADataset`s."""
-    from nanovlm.data.processors import get_image_processor
     if tokenizer.image_token_id != vlm_cfg.image_token_id:
         raise ValueError(f"The tokenizer gives {tokenizer.image_token!r} id {tokenizer.image_token_id} but "
                          f"VLMConfig.image_token_id is {vlm_cfg.image_token_id} (lm_base_vocab_size="
@@ -328,3 +329,12 @@ def build_datasets(vlm_cfg, train_cfg, tokenizer, rank: int = 0, world_size: int
         if shard_val:
             val.shard(rank, world_size)
     return DataSplits(train, val)
+
+
+def train_tokenizer_for_dataset(train_cfg, vocab_size: int, out_dir: str | Path, img_size: int = 64,
+                                **kwargs):
+    """Train a byte-level BPE on the text of the training rows that `train_cfg.train_dataset_path`
+    names (shapes, a local dir, a Hub id), without decoding any image. Point
+    `TrainConfig.tokenizer_path` at `out_dir` and set `lm_base_vocab_size=vocab_size` to use it."""
+    train_rows, _, _ = load_rows(train_cfg, img_size)
+    return train_tokenizer_on_rows(_text_rows(train_rows), vocab_size, out_dir, **kwargs)

@@ -25,6 +25,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from nanovlm.config import CHATML_TEMPLATE
+from nanovlm.data.shapes import DATA_VERSION, shapes_text_rows
+from nanovlm.data.tokenizer_training import train_tokenizer_on_rows
+
 logger = logging.getLogger(__name__)
 
 SHAPES_BPE_PATTERN = re.compile(r"^shapes-bpe-(\d+)$")
@@ -93,10 +97,6 @@ def ensure_shapes_tokenizer(vocab_size: int = 512, root: Path | None = None) -> 
     """The directory of the `shapes-bpe-<vocab_size>` tokenizer, trained (deterministically,
     <1 s) on first use. Written to a temporary directory and renamed into place, so concurrent
     builders (several Ray workers) never see a half-written directory."""
-    from nanovlm.data.shapes import DATA_VERSION, shapes_text_rows
-    from nanovlm.data.tokenizer_training import train_tokenizer_on_rows
-    from nanovlm.config import CHATML_TEMPLATE
-
     name = f"shapes-bpe-{vocab_size}"
     directory = (root or cache_root()) / "tokenizers" / name
     marker = {"name": name, "shapes_data_version": DATA_VERSION, "format": 1}

@@ -90,12 +90,3 @@ def train_tokenizer_on_rows(rows: Iterable[dict], vocab_size: int, out_dir: str 
 
     return train_bpe_tokenizer(corpus(), vocab_size, out_dir, **kwargs)
 
-
-def train_tokenizer_for_dataset(train_cfg, vocab_size: int, out_dir: str | Path, img_size: int = 64,
-                                **kwargs) -> PreTrainedTokenizerFast:
-    """Train on the text of the training rows that `train_cfg.train_dataset_path` names (shapes,
-    a local dir, a Hub id), without decoding any image. Point `TrainConfig.tokenizer_path` at
-    `out_dir` and set `lm_base_vocab_size=vocab_size` to use it."""
-    from nanovlm.data.datasets import _text_rows, load_rows
-    train_rows, _, _ = load_rows(train_cfg, img_size)
-    return train_tokenizer_on_rows(_text_rows(train_rows), vocab_size, out_dir, **kwargs)
