@@ -11,7 +11,7 @@ from nanovlm.bench.harness import (
     InferenceSpec, NanoVLMRunner, Stat, TrainSpec, benchmark, interleave, matmul_peak_flops, synthetic_batch,
 )
 from nanovlm.bench.reference import ReferenceRunner, build_reference
-from nanovlm.bench.sweep import grid_points, parse_grid, run_grid
+from nanovlm.bench.grid import grid_points, parse_grid, run_grid
 from nanovlm.config import ConfigError, preset
 from nanovlm.models import VisionLanguageModel
 
@@ -106,7 +106,7 @@ class CountingMeasure:
 def test_every_shipped_grid_file_parses_into_points():
     from pathlib import Path
 
-    from nanovlm.bench.sweep import load_grid
+    from nanovlm.bench.grid import load_grid
 
     files = sorted((Path(__file__).resolve().parents[1] / "tune").glob("bench_*.yaml"))
     assert any(f.name == "bench_compile.yaml" for f in files)

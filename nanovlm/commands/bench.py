@@ -1,4 +1,4 @@
-"""`nanovlm bench`: measure every point of a benchmark grid (see nanovlm/bench/sweep.py).
+"""`nanovlm bench`: measure every point of a benchmark grid (see nanovlm/bench/grid.py).
 
     nanovlm bench tune/bench_shuffle.yaml                 # Ray Tune, one trial at a time, MLflow
     nanovlm bench tune/bench_batch.yaml --set lm_n_blocks=2 --executor local --no-mlflow
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanovlm.bench.sweep import load_grid, run_grid
+    from nanovlm.bench.grid import load_grid, run_grid
 
     grid = load_grid(args.grid, args.overrides)
     result = run_grid(grid, output_dir=args.output, executor=args.executor, tracking=not args.no_mlflow)
