@@ -3,17 +3,21 @@ metrics, the reference carries our weights and computes our outputs, and benchma
 measure each point once (cache), skip invalid points and log to MLflow."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from nanovlm.bench.harness import (
     InferenceSpec, NanoVLMRunner, Stat, TrainSpec, benchmark, interleave, matmul_peak_flops, synthetic_batch,
 )
 from nanovlm.bench.reference import ReferenceRunner, build_reference
-from nanovlm.bench.grid import grid_points, parse_grid, run_grid
+from nanovlm.bench.grid import grid_points, load_grid, parse_grid, run_grid
 from nanovlm.config import ConfigError, preset
 from nanovlm.models import VisionLanguageModel
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _tiny(**overrides):
@@ -104,14 +108,16 @@ class CountingMeasure:
 
 
 def test_every_shipped_grid_file_parses_into_points():
-    from pathlib import Path
-
-    from nanovlm.bench.grid import load_grid
-
-    files = sorted((Path(__file__).resolve().parents[1] / "tune").glob("bench_*.yaml"))
-    assert any(f.name == "bench_compile.yaml" for f in files)
+    files = sorted((REPO / "benchmarks" / "grids").glob("*.yaml"))
+    assert {f.name for f in files} >= {"batch.yaml", "compile.yaml", "gpu.yaml", "shuffle.yaml"}
     for path in files:
         assert len(grid_points(load_grid(path))) >= 2, path
+
+
+def test_tune_holds_sweep_spaces_and_no_benchmark_grid():
+    for path in sorted((REPO / "tune").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        assert "space" in data and "grid" not in data, f"{path} looks like a benchmark grid"
 
 
 def test_cached_points_are_not_measured_again(tmp_path):
