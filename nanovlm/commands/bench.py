@@ -19,8 +19,8 @@ BENCHMARKS = {
                "(exit status 1 when a speed target is not met)",
     "gpu-check": "one-shot GPU benchmark of a preset with random weights, no network "
                  "(exit status 1 when a measurement failed)",
-    "grid": "measure every point of a benchmark grid YAML file, one Ray Tune trial each "
-            "(exit status 1 when a point failed)",
+    "grid": "measure every point of a benchmark grid YAML file not already cached, one Ray Tune "
+            "trial each unless --executor local (exit status 1 when a point failed)",
 }
 # nanovlm.bench.compare.CONFIGS and CompareSettings' defaults, written out so that the parser
 # does not import torch (a test keeps them equal).
