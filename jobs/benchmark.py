@@ -1,11 +1,16 @@
-"""Run a benchmark grid on a Ray cluster: the entry point for `ray job submit`, or run directly.
+"""Run a benchmark on a Ray cluster: the entry point for `ray job submit`, or run directly.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
-        python jobs/benchmark.py tune/bench_shuffle.yaml [--set field=value ...]
+        python jobs/benchmark.py grid benchmarks/grids/shuffle.yaml [--set field=value ...]
+    ray job submit ... -- python jobs/benchmark.py compare --configs tiny
+    ray job submit ... --entrypoint-num-gpus 1 -- python jobs/benchmark.py gpu-check
 
-Same arguments as `nanovlm bench`. Inside a submitted job it connects to that cluster
-(RAY_ADDRESS) and runs one trial per point, one at a time; the cache and tables go to
-$NANOVLM_HOME/bench/<name> on the node that runs the job (or --output).
+Same arguments as `nanovlm bench` (compare, gpu-check or grid, then that benchmark's flags).
+A grid, inside a submitted job, connects to that cluster (RAY_ADDRESS) and runs one trial per
+point, one at a time; the cache and tables go to $NANOVLM_HOME/bench/<name> on the node that
+runs the job (or --output). compare and gpu-check run in the job's own process (give it a GPU
+with --entrypoint-num-gpus) and print their tables to the job's log; a --json path is on that
+node, relative to the job's temporary working directory.
 """
 
 from __future__ import annotations

@@ -1,19 +1,25 @@
 """The benchmark suite's behaviour (never its speed): the harness returns finite positive
-metrics, the reference carries our weights and computes our outputs, and benchmark grids
-measure each point once (cache), skip invalid points and log to MLflow."""
+metrics, the reference carries our weights and computes our outputs, benchmark grids
+measure each point once (cache), skip invalid points and log to MLflow, and `nanovlm bench`
+runs compare, gpu-check and grid."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from nanovlm.bench.harness import (
     InferenceSpec, NanoVLMRunner, Stat, TrainSpec, benchmark, interleave, matmul_peak_flops, synthetic_batch,
 )
 from nanovlm.bench.reference import ReferenceRunner, build_reference
-from nanovlm.bench.sweep import grid_points, parse_grid, run_grid
+from nanovlm.cli import main
+from nanovlm.bench.grid import grid_points, load_grid, parse_grid, run_grid
 from nanovlm.config import ConfigError, preset
 from nanovlm.models import VisionLanguageModel
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _tiny(**overrides):
@@ -104,14 +110,16 @@ class CountingMeasure:
 
 
 def test_every_shipped_grid_file_parses_into_points():
-    from pathlib import Path
-
-    from nanovlm.bench.sweep import load_grid
-
-    files = sorted((Path(__file__).resolve().parents[1] / "tune").glob("bench_*.yaml"))
-    assert any(f.name == "bench_compile.yaml" for f in files)
+    files = sorted((REPO / "benchmarks" / "grids").glob("*.yaml"))
+    assert {f.name for f in files} >= {"batch.yaml", "compile.yaml", "gpu.yaml", "shuffle.yaml"}
     for path in files:
         assert len(grid_points(load_grid(path))) >= 2, path
+
+
+def test_tune_holds_sweep_spaces_and_no_benchmark_grid():
+    for path in sorted((REPO / "tune").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        assert "space" in data and "grid" not in data, f"{path} looks like a benchmark grid"
 
 
 def test_cached_points_are_not_measured_again(tmp_path):
@@ -166,31 +174,100 @@ def test_named_axis_applies_its_group_of_overrides():
     assert points[1].config["vlm"]["lm_hidden_dim"] == 64 and points[0].key != points[1].key
 
 
+def _write_grid(path, **changes):
+    path.write_text(yaml.safe_dump({**GRID, **changes}, sort_keys=False))
+    return str(path)
+
+
+def test_bench_grid_command_measures_locally_then_serves_the_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOVLM_HOME", str(tmp_path / "home"))
+    # 8 new tokens: with 2, one decode step is within timing noise on a loaded machine
+    grid = _write_grid(tmp_path / "t.yaml", measure={**GRID["measure"], "inference": {
+        **GRID["measure"]["inference"], "new_tokens": 8}})
+    command = ["bench", "grid", grid, "--set", "lm_n_blocks=1", "--set", "vit_n_blocks=1", "--executor", "local",
+               "--output", str(tmp_path / "out"), "--no-tracking"]
+    assert main(command) == 0
+    printed = capsys.readouterr().out
+    assert "| mp_pixel_shuffle_factor | status |" in printed
+    assert "2 point(s) measured, 0 from the cache" in printed and "MLflow run" not in printed
+    assert main(command) == 0
+    assert "0 point(s) measured, 2 from the cache" in capsys.readouterr().out
+    assert not (tmp_path / "home" / "mlflow.db").exists()
+
+
 @pytest.mark.slow
-def test_ray_tune_grid_measures_and_logs_each_point_to_mlflow(tmp_path):
+def test_bench_grid_command_on_ray_tune_logs_each_point_to_mlflow(tmp_path, monkeypatch, capsys):
     from nanovlm import tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     # 8 new tokens: with 2, one decode step is within timing noise on a loaded machine and the
     # harness reports decode speed as NaN (long call no slower than the short one)
     measure = {**GRID["measure"], "inference": {**GRID["measure"]["inference"], "new_tokens": 8}}
-    grid = parse_grid({**GRID, "overrides": {**GRID["overrides"], "lm_n_blocks": 1, "vit_n_blocks": 1},
-                       "measure": measure, "resources": {"cpu": 1}})
-    run = run_grid(grid, tmp_path / "out", executor="ray", tracking=True, tracking_uri=uri)
-    assert [r["status"] for r in run.rows] == ["ok", "ok"]
-    assert all(r["infer_decode_tokens_per_s"] > 0 for r in run.rows)
+    grid = _write_grid(tmp_path / "t.yaml", overrides={**GRID["overrides"], "lm_n_blocks": 1, "vit_n_blocks": 1},
+                       measure=measure, resources={"cpu": 1})
+    assert main(["bench", "grid", grid, "--output", str(tmp_path / "out")]) == 0
+    assert "2 point(s) measured, 0 from the cache" in capsys.readouterr().out
+    with (tmp_path / "out" / "results.csv").open() as f:
+        rows = list(__import__("csv").DictReader(f))
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert all(float(r["infer_decode_tokens_per_s"]) > 0 for r in rows)
     runs = list(tracking.iter_runs("bench-t", uri))
-    children = [r for r in runs if r.data.tags.get(tracking.PARENT_RUN_TAG) == run.parent_run_id]
-    assert len(children) == 2
+    children = [r for r in runs if tracking.PARENT_RUN_TAG in r.data.tags]
+    assert len(children) == 2 and len({c.data.tags[tracking.PARENT_RUN_TAG] for c in children}) == 1
     assert {c.data.params["mp_pixel_shuffle_factor"] for c in children} == {"2", "4"}
     assert all(c.data.metrics["infer_decode_tokens_per_s"] > 0 for c in children)
 
 
-def test_gpu_check_rehearses_on_cpu_and_reports_every_measurement(tmp_path, capsys):
-    from nanovlm.bench import gpu_check
+# ---------------------------------------------------------------- the command
 
+def test_bench_help_lists_compare_gpu_check_and_grid(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--help"])
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in ("compare", "gpu-check", "grid"))
+
+
+@pytest.mark.parametrize("benchmark, flag", [("compare", "--keep-freed-memory"), ("gpu-check", "--skip-reference"),
+                                             ("grid", "--no-tracking")])
+def test_each_benchmark_has_its_help(benchmark, flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", benchmark, "--help"])
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"usage: nanovlm bench {benchmark} ") and flag in printed
+
+
+def test_compare_flags_default_to_compare_settings_and_its_configs():
+    from nanovlm.bench import compare
+    from nanovlm.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "compare"])
+    settings = compare.CompareSettings()
+    assert (args.warmup, args.repeats, args.compile) == (settings.warmup, settings.repeats, settings.compile)
+    assert args.configs == list(compare.CONFIGS)
+
+
+def test_compare_rejects_an_unknown_config_before_measuring(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "compare", "--configs", "tiny,big"])
+    assert exit_.value.code == 2
+    assert "unknown configs ['big']; choose from ['mid', 'tiny']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["bench", "benchmarks/grids/shuffle.yaml"],
+                                     ["bench", "grid", "benchmarks/grids/shuffle.yaml", "--no-mlflow"]])
+def test_the_old_grid_spellings_are_usage_errors(command):
+    with pytest.raises(SystemExit) as exit_:
+        main(command)
+    assert exit_.value.code == 2
+
+
+def test_gpu_check_rehearses_on_cpu_and_reports_every_measurement(tmp_path, capsys):
     out = tmp_path / "gpu.json"
-    code = gpu_check.main(["--preset", "tiny", "--device", "cpu", "--quick", "--skip-compile", "--json", str(out)])
+    code = main(["bench", "gpu-check", "--preset", "tiny", "--device", "cpu", "--quick", "--skip-compile",
+                 "--json", str(out)])
     report = __import__("json").loads(out.read_text())
     assert code == 0 and report["errors"] == {}
     assert set(report["results"]) == {"matmul_peak", "train_float32_eager", "decode_bs1", "decode_bs32",
@@ -205,8 +282,8 @@ def test_compare_writes_every_measure_with_ratio_and_the_bounds(tmp_path, capsys
     from nanovlm.bench import compare
 
     out = tmp_path / "compare.json"
-    code = compare.main(["--configs", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1", "--no-compile",
-                         "--json", str(out)])
+    code = main(["bench", "compare", "--configs", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                 "--no-compile", "--json", str(out)])
     assert "threads: 1 of " in capsys.readouterr().out
     result = json.loads(out.read_text())["configs"]["tiny"]
     # Without compiled rows, "best" is ours eager, and the exit status says whether it reaches every target.

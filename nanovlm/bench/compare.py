@@ -1,6 +1,6 @@
 """Ours vs transformers' Idefics3, same weights, same process, same run.
 
-    python -m nanovlm.bench.compare [--json PATH] [--configs tiny,mid] [--repeats 7] [--threads N] [--no-compile]
+    nanovlm bench compare [--json PATH] [--configs tiny,mid] [--repeats 7] [--threads N] [--no-compile]
 
 For each config: build our model (random weights, perturbed so norms and biases are not
 trivial), export the weights into the reference, check the outputs agree (logits max abs
@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,33 +314,12 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", default=None, help="write the results (per config and measure) to this file")
-    parser.add_argument("--configs", default="tiny,mid", help=f"comma separated, from {sorted(CONFIGS)}")
-    parser.add_argument("--repeats", type=int, default=CompareSettings.repeats)
-    parser.add_argument("--warmup", type=int, default=CompareSettings.warmup)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: the cores the 1-minute load average leaves free, at "
-                             "least 1: on a shared machine, OpenMP threads that wait for a busy core turn "
-                             "every small op into a scheduler delay)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=CompareSettings.compile,
-                        help="also measure ours compiled against the same eager reference (default; --no-compile "
-                             "skips it): training under torch.compile, decoding with generate(compile=True) (on "
-                             "CPU the fused C++ decode step, built once per machine in ~25 s); the first steps "
-                             "compile (tens of seconds per config)")
-    parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="tell glibc's malloc to keep freed memory (what the training loop does on CPU, "
-                             "`keep_freed_memory`) for the whole process, so for both sides: without it, each "
-                             "side pays the page faults of its own allocation pattern")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def run(args: argparse.Namespace) -> int:
+    """`nanovlm bench compare` (its flags: nanovlm/commands/bench.py): print the table, write
+    the JSON; 0 when every measure of every config reaches its target, else 1."""
     allocator = allocator_setting(args.keep_freed_memory)
     torch.set_num_threads(args.threads or free_cores())
-    names = [n.strip() for n in args.configs.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        parser.error(f"unknown configs {unknown}; choose from {sorted(CONFIGS)}")
+    names = args.configs
     settings = CompareSettings(warmup=args.warmup, repeats=args.repeats, compile=args.compile)
     results = {
         "machine": {"host": platform.node(), "processor": platform.processor() or platform.machine(),
@@ -360,6 +338,3 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0 if all(b["met"] for r in results["configs"].values() for b in r["best"].values()) else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,15 +1,15 @@
 """One-shot GPU benchmark of a preset with random weights (no Hub, no network, no tokenizer).
 
-    python -m nanovlm.bench.gpu_check                     # nanovlm-222m on cuda, about 5 minutes
-    python -m nanovlm.bench.gpu_check --json out.json --markdown out.md
-    python -m nanovlm.bench.gpu_check --preset tiny --device cpu --quick   # rehearsal on CPU
+    nanovlm bench gpu-check                     # nanovlm-222m on cuda, about 5 minutes
+    nanovlm bench gpu-check --json out.json --markdown out.md
+    nanovlm bench gpu-check --preset tiny --device cpu --quick   # rehearsal on CPU
 
 Measures, each in its own try/except so one failure does not lose the rest:
 training in bf16 (autocast) with and without torch.compile (step time, tokens/s, MFU against
 a measured bf16 matmul and, on known GPUs, the datasheet peak; peak memory), decoding at
 batch 1 and 32 (time to first token, decode tokens/s, peak memory), and the same training
 and batch-1 decode on transformers' Idefics3 with the same weights (ratios ours/reference).
-Prints a Markdown table, then the JSON (the same metric names as `nanovlm bench`).
+Prints a Markdown table, then the JSON (the same metric names as `nanovlm bench grid`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import gc
 import json
 import logging
 import platform
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -54,19 +53,9 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="nanovlm-222m")
-    parser.add_argument("--device", default="auto", help="cuda, cpu or auto")
-    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on cuda, float32 on cpu), bfloat16, float32")
-    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (rehearsal, CI)")
-    parser.add_argument("--skip-compile", action="store_true")
-    parser.add_argument("--skip-reference", action="store_true")
-    parser.add_argument("--json", default=None, help="also write the JSON here")
-    parser.add_argument("--markdown", default=None, help="also write the Markdown table here")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
+def run(args: argparse.Namespace) -> int:
+    """`nanovlm bench gpu-check` (its flags: nanovlm/commands/bench.py): print the table and the
+    JSON, write them where asked; 0 when every measurement ran, else 1."""
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     cfg = preset(args.preset, vlm_load_backbone_weights=False)[0].validate()
@@ -212,6 +201,3 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | FAILED | {error.splitlines()[0][:120]} |")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,9 @@
 """Benchmark grids: every combination of a few config axes, measured one point at a time
-through Ray Tune, logged to MLflow, cached by config hash, tabulated and plotted.
+through Ray Tune, logged to MLflow, cached by config hash, tabulated and plotted
+(`nanovlm bench grid FILE`). Not a sweep: a sweep (`nanovlm sweep`) searches config fields
+for the best trial; a grid measures every combination.
 
-A grid file (see `tune/bench_shuffle.yaml`):
+A grid file (see `benchmarks/grids/shuffle.yaml`):
 
     name: bench_shuffle               # MLflow experiment and output folder (default: file stem)
     preset: tiny                      # base (VLMConfig, TrainConfig)
@@ -24,7 +26,9 @@ A grid file (see `tune/bench_shuffle.yaml`):
 Training batch size, dtype (`auto` = bf16 on CUDA, fp32 on CPU), `compile` and `device`
 are the TrainConfig fields of the same names, so they can be axes too. A point is cached
 under a hash of its full config, the measurement settings and the torch version; a re-run
-measures only points without a cached result.
+measures only points without a cached result. The name, not the file's path, keys the output
+folder and the MLflow experiment (`bench-<name>`): the shipped grids in benchmarks/grids/ set
+`name: bench_<stem>`, and moving or renaming a file keeps its cache.
 """
 
 from __future__ import annotations
@@ -145,7 +149,7 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> BenchGrid
     the file's `overrides` and apply to every point."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"Benchmark grid {path} does not exist (see tune/bench_*.yaml).")
+        raise FileNotFoundError(f"Benchmark grid {path} does not exist (see benchmarks/grids/*.yaml).")
     data = yaml.safe_load(path.read_text())
     if overrides:
         from nanovlm.config import parse_overrides
