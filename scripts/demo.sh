@@ -14,12 +14,12 @@ cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
-    echo "== set-up: creating .venv and installing nanovlm-ray (pip install -e .)"
+    echo "== set-up: creating .venv and installing nanovlm-ray (pip install -c constraints.txt -e .)"
     "$PYTHON" -m venv .venv
     .venv/bin/pip install -q --upgrade pip
 fi
 if ! .venv/bin/python -c "import nanovlm.sweep.runner, ray.tune, mlflow" 2>/dev/null; then
-    .venv/bin/pip install -q -e .
+    .venv/bin/pip install -q -c constraints.txt -e .
 fi
 
 # Train's controller polls its workers every 2 s by default and a worker waits for that poll at
