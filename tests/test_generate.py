@@ -10,7 +10,7 @@ from nanovlm.accel import fused_decode
 from nanovlm.config import VLMConfig
 from nanovlm.models import VisionLanguageModel, sample_next_token
 from nanovlm.models.generation import decode
-from toolchain import HAS_CXX, needs_cxx
+from toolchain import HAS_CXX, needs_cpu_fast, needs_cxx
 
 TINY = dict(vit_hidden_dim=32, vit_inter_dim=64, vit_n_heads=4, vit_n_blocks=2, vit_img_size=32, vit_patch_size=8,
             lm_hidden_dim=32, lm_inter_dim=64, lm_n_heads=4, lm_n_kv_heads=2, lm_n_blocks=2,
@@ -248,7 +248,7 @@ def test_static_cache_decode_step_equals_the_eager_cached_step(model):
     assert (caches[1].k[:, :, :, :9] - caches[0].k[:, :, :, :9]).abs().max().item() <= 1e-5
 
 
-@needs_cxx
+@needs_cpu_fast
 def test_fused_cpu_decode_step_equals_the_eager_cached_step(model):
     # The C++ step (fused_decode.cpp) against the decoder's forward over a KVCache, on a left-padded
     # batch: the same hidden states and the same keys/values written to the cache, step after step.
@@ -349,7 +349,7 @@ def _left_padded_batch():
     return dict(input_ids=ids, images=torch.randn(2, 3, 32, 32), attention_mask=mask, max_new_tokens=6, greedy=True)
 
 
-@needs_cxx
+@needs_cpu_fast
 def test_compiled_generation_with_the_fused_step_equals_eager_generation(model):
     batch = _left_padded_batch()
     assert fused_decode.fused_decoder(model.decoder) is not None

@@ -20,7 +20,7 @@ from nanovlm.models.language_model import causal_mask, count_positions
 
 # Compiled decoding pads its cache to a multiple of this, so nearby prompt lengths share one
 # compiled step.
-STATIC_CACHE_MULTIPLE = 128
+STATIC_MULTIPLE = 128
 
 
 class KVCache:
@@ -58,8 +58,11 @@ class KVCache:
             self.key_mask[:, past + T - attention_mask.shape[1]:past + T] = attention_mask.bool()
         positions = count_positions(attention_mask, B, T, self.k.device, start=self.next_position)
         self.length, self.next_position = past + T, positions[:, -1] + 1
-        key_mask = None if self.key_mask is None else self.key_mask[:, :past + T]
-        return (positions, *causal_mask(key_mask, T, past, self.k.device))
+        if self.key_mask is None:
+            return (positions, *causal_mask(None, T, past, self.k.device))
+        if attention_mask is None and T == 1:   # a decode step: one real token sees every real key
+            return positions, self.key_mask[:, None, None, :past + 1], False
+        return (positions, *causal_mask(self.key_mask[:, :past + T], T, past, self.k.device))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store `layer`'s keys and values [B, Hkv, T, hd] in the reserved slots -> every key and
@@ -152,12 +155,15 @@ def generate(model, input_ids: torch.Tensor, images=None, attention_mask: torch.
     decoder = model.decoder
     fused = _fused_decoder(decoder) if compile else None
     if compile and fused is None:
-        cache = _reused_static_cache(model, B, -(-(T + max_new_tokens) // STATIC_CACHE_MULTIPLE) * STATIC_CACHE_MULTIPLE)
+        cache = _reused_static_cache(model, B, -(-(T + max_new_tokens) // STATIC_MULTIPLE) * STATIC_MULTIPLE)
     else:
         cache = decoder.new_kv_cache(B, T + max_new_tokens)
     hidden = decoder(model.embed(input_ids, images), attention_mask=attention_mask, kv_cache=cache)   # [B, T, D]
     logits = decoder.head(hidden[:, -1])                                       # [B, V]
-    step = _decode_step(model, cache, fused, max_new_tokens) if compile else (lambda token, i: decode(decoder, token, cache))
+
+    def eager_step(token: torch.Tensor, i: int) -> torch.Tensor:
+        return decode(decoder, token, cache)
+    step = _compiled_step(model, cache, fused, max_new_tokens) if compile else eager_step
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for i in range(max_new_tokens):
         token = sample_next_token(logits, greedy, temperature, top_k, top_p)  # [B]
@@ -180,7 +186,7 @@ def _fused_decoder(decoder):
     return fused_decode.fused_decoder(decoder)
 
 
-def _decode_step(model, cache: KVCache, fused, n_steps: int):
+def _compiled_step(model, cache: KVCache, fused, n_steps: int):
     """The compiled decode loop's step, (token [B], step index) -> final hidden [B, D]: the fused
     C++ step (its RoPE tables for all `n_steps` computed here, once), or `decode` compiled."""
     decoder = model.decoder

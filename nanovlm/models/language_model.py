@@ -181,7 +181,9 @@ class LanguageModel(nn.Module):
             x = self.token_embedding(x)                                     # [B, T, D]
         B, T, _ = x.shape
         if kv_cache is None:
-            key_mask = None if attention_mask is None else _check_mask(attention_mask, B, T).bool()
+            if attention_mask is not None and attention_mask.shape != (B, T):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected [B, T] = [{B}, {T}].")
+            key_mask = None if attention_mask is None else attention_mask.bool()
             mask, is_causal = causal_mask(key_mask, T, 0, x.device)
             positions = count_positions(attention_mask, B, T, x.device)
         else:
@@ -201,12 +203,6 @@ class LanguageModel(nn.Module):
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         """Rows [..., D] of `forward(..., defer_last_mlp=True)` -> their final hidden states."""
         return self.norm(self.blocks[-1].feed_forward(x))
-
-
-def _check_mask(attention_mask: torch.Tensor, B: int, T: int) -> torch.Tensor:
-    if attention_mask.shape != (B, T):
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected [B, T] = [{B}, {T}].")
-    return attention_mask
 
 
 def count_positions(attention_mask: torch.Tensor | None, B: int, T: int, device,

@@ -121,8 +121,8 @@ class VisionLanguageModel(nn.Module):
         logits = self.decoder.head(self.decoder(embeds, attention_mask=attention_mask))   # [B, T, V]
         if targets is None:
             return logits, None
-        return logits, F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                       ignore_index=-100)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
 
     # Which positions are supervised is data: selecting them reads their count on the host, so
     # under torch.compile this runs eagerly (one graph break) after the compiled blocks.
@@ -133,7 +133,8 @@ class VisionLanguageModel(nn.Module):
         # index_select: its backward is much cheaper than boolean-mask indexing's.
         positions = (targets.reshape(-1) != -100).nonzero().squeeze(1)
         rows = attended.reshape(-1, attended.shape[-1]).index_select(0, positions)     # [N, D]
-        return self.head_loss(self.finish_rows(self.decoder, rows), self.decoder.head, targets.reshape(-1)[positions])
+        hidden = self.finish_rows(self.decoder, rows)                                   # [N, D]
+        return self.head_loss(hidden, self.decoder.head, targets.reshape(-1)[positions])
 
     # ------------------------------------------------------------------ generation
     def generate(self, input_ids: torch.Tensor, images: Images = None, attention_mask: torch.Tensor | None = None,
