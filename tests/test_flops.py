@@ -1,4 +1,4 @@
-"""The analytic sizes in nanovlm.bench.flops against independent counts: parameters of the
+"""The analytic sizes in nanovlm.models.flops against independent counts: parameters of the
 built model, and FLOPs counted by torch.utils.flop_counter while the tiny model runs."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from nanovlm.bench.flops import decode_flops_per_token, model_sizes, param_counts, vlm_flops
+from nanovlm.models.flops import decode_flops_per_token, model_sizes, param_counts, vlm_flops
 from nanovlm.bench.harness import synthetic_batch
 from nanovlm.config import preset
 from nanovlm.models import VisionLanguageModel

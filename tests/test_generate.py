@@ -1,12 +1,16 @@
 """VisionLanguageModel.generate: KV-cached decoding equals recomputation, batching with left padding
 equals one-by-one, EOS stops, and sampling respects temperature / top-k / top-p."""
 
+import logging
+
 import pytest
 import torch
 
+from nanovlm.accel import fused_decode
 from nanovlm.config import VLMConfig
 from nanovlm.models import VisionLanguageModel, sample_next_token
-from toolchain import HAS_CXX, needs_cxx
+from nanovlm.models.generation import decode
+from toolchain import HAS_CXX, needs_cpu_fast, needs_cxx
 
 TINY = dict(vit_hidden_dim=32, vit_inter_dim=64, vit_n_heads=4, vit_n_blocks=2, vit_img_size=32, vit_patch_size=8,
             lm_hidden_dim=32, lm_inter_dim=64, lm_n_heads=4, lm_n_kv_heads=2, lm_n_blocks=2,
@@ -211,51 +215,53 @@ def test_generate_command_reports_a_missing_image(tmp_path, capsys):
     assert "nope.png" in capsys.readouterr().err
 
 
-def _two_prefilled_caches(dec):
-    """Two KV caches holding the same left-padded 2-row prompt, and RoPE tables for 4 decode steps:
-    one cache for `decode_step`, one for the step compared with it."""
+def _two_prefilled_caches(dec, static: bool = False):
+    """Two KV caches holding the same left-padded 2-row prompt: a `KVCache` for the eager step, and
+    one (a `StaticKVCache` if `static`) for the step compared with it."""
     ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 8]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    caches = [dec.new_kv_cache(2, 16), dec.new_kv_cache(2, 16)]
+    caches = [dec.new_kv_cache(2, 16), dec.new_kv_cache(2, 16, static=static)]
     for cache in caches:
         dec(ids, attention_mask=mask, kv_cache=cache)
-    cos, sin = dec.decode_rope(caches[0], 4, torch.float32)
-    return caches, cos, sin
+    return caches
 
 
-def test_static_decode_step_equals_the_decode_step(model):
-    # The compile-friendly step (whole cache read, later slots masked) computes what decode_step
-    # does, on a left-padded batch; run uncompiled here, compiled in the next test.
+def _rope_tables(dec, cache, n_steps):
+    """cos, signed sin [B, n_steps, head_dim] of the next n_steps positions: the fused step's tables."""
+    positions = cache.next_position[:, None] + torch.arange(n_steps)
+    return (t[:, :, 0].contiguous() for t in dec.rotary_embd(positions, torch.float32))
+
+
+def test_static_cache_decode_step_equals_the_eager_cached_step(model):
+    # The compile-friendly cache (whole buffer read, later slots masked, index_copy_ writes) gives
+    # what the eager cache gives, on a left-padded batch; compiled in the generation tests below.
     dec = model.decoder
     with torch.no_grad():
-        caches, cos, sin = _two_prefilled_caches(dec)
-        position, index = torch.tensor(5), torch.tensor(0)
+        caches = _two_prefilled_caches(dec, static=True)
         token = torch.tensor([9, 10])
         for step in range(4):
-            expected = dec.decode_step(token, caches[0], cos[:, step], sin[:, step])
-            got = dec.static_decode_step(token, caches[1].k, caches[1].v, caches[1].key_mask, cos, sin, position, index)
-            position += 1
-            index += 1
+            expected = decode(dec, token, caches[0])
+            got = decode(dec, token, caches[1])
             assert (got - expected).abs().max().item() <= 1e-5, f"step {step}"
             token = dec.head(expected).argmax(-1)
+    assert int(caches[1].length) == caches[0].length == 9
+    assert (caches[1].k[:, :, :, :9] - caches[0].k[:, :, :, :9]).abs().max().item() <= 1e-5
 
 
-@needs_cxx
-def test_fused_cpu_decode_step_equals_the_decode_step(model):
-    # The C++ step (fused_decode.cpp) against the PyTorch one, on a left-padded batch: the same
-    # hidden states and the same keys/values written to the cache, step after step.
-    from nanovlm.models import fused_decode
-
+@needs_cpu_fast
+def test_fused_cpu_decode_step_equals_the_eager_cached_step(model):
+    # The C++ step (fused_decode.cpp) against the decoder's forward over a KVCache, on a left-padded
+    # batch: the same hidden states and the same keys/values written to the cache, step after step.
     dec = model.decoder
     fused = fused_decode.fused_decoder(dec)
     assert fused is not None
     with torch.no_grad():
-        caches, cos, sin = _two_prefilled_caches(dec)
+        caches = _two_prefilled_caches(dec)
+        cos, sin = _rope_tables(dec, caches[1], 4)
         token = torch.tensor([9, 10])
         for step in range(4):
-            expected = dec.decode_step(token, caches[0], cos[:, step], sin[:, step])
-            got = fused.step(token, caches[1].k, caches[1].v, caches[1].key_mask, caches[1].length,
-                             cos[:, :, 0].contiguous(), sin[:, :, 0].contiguous(), step)
+            expected = decode(dec, token, caches[0])
+            got = fused.step(token, caches[1].k, caches[1].v, caches[1].key_mask, caches[1].length, cos, sin, step)
             caches[1].length += 1
             assert (got - expected).abs().max().item() <= 1e-5, f"step {step}"
             assert (caches[1].k - caches[0].k).abs().max().item() <= 1e-5
@@ -264,15 +270,12 @@ def test_fused_cpu_decode_step_equals_the_decode_step(model):
 
 
 def test_fused_cpu_decode_step_refuses_a_full_cache_and_bad_tokens(model):
-    from nanovlm.models import fused_decode
-
     dec = model.decoder
     fused = fused_decode.fused_decoder(dec)
     if fused is None:
         pytest.skip("no C++ toolchain")
     cache = dec.new_kv_cache(1, 4)
-    cos, sin = dec.decode_rope(cache, 1, torch.float32)
-    cos, sin = cos[:, :, 0].contiguous(), sin[:, :, 0].contiguous()
+    cos, sin = _rope_tables(dec, cache, 1)
     with pytest.raises(RuntimeError, match="KV cache holds 4 positions"):
         fused.step(torch.tensor([1]), cache.k, cache.v, None, 4, cos, sin, 0)
     with pytest.raises(RuntimeError, match="outside the vocabulary"):
@@ -281,8 +284,6 @@ def test_fused_cpu_decode_step_refuses_a_full_cache_and_bad_tokens(model):
 
 def test_fused_decode_is_only_for_float32_cpu_weights(model):
     import copy
-
-    from nanovlm.models import fused_decode
 
     assert fused_decode.supports(model.decoder)
     assert not fused_decode.supports(copy.deepcopy(model.decoder).to(torch.bfloat16))
@@ -293,8 +294,6 @@ def test_a_build_lock_left_by_a_killed_build_is_removed(monkeypatch, tmp_path):
     # torch's builder would wait forever on it; a recent lock (a build in progress) stays.
     import os
     import time
-
-    from nanovlm.models import fused_decode
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     lock = tmp_path / fused_decode.NAME / "lock"
@@ -310,47 +309,62 @@ def test_a_build_lock_left_by_a_killed_build_is_removed(monkeypatch, tmp_path):
 
 def test_the_ninja_package_goes_on_path_where_no_ninja_is(monkeypatch):
     # torch's extension builder runs `ninja` from PATH; a venv's python run without activating
-    # the venv would not find the one the `ninja` dependency installed.
+    # the venv would not find the one the `ninja` package (the cpu-fast extra) installed.
     import os
 
-    import ninja
-
-    from nanovlm.models import fused_decode
-
+    ninja = pytest.importorskip("ninja")
     monkeypatch.setattr(fused_decode.shutil, "which", lambda name: None)
     monkeypatch.setenv("PATH", "/nowhere")
     fused_decode._put_ninja_on_path()
     assert os.environ["PATH"].split(os.pathsep) == [ninja.BIN_DIR, "/nowhere"]
 
 
-def test_fused_decode_falls_back_when_it_cannot_be_built(monkeypatch, caplog):
+def _cannot_build(monkeypatch):
+    """As on a machine without ninja: building the extension fails (and has not been tried yet)."""
     import torch.utils.cpp_extension
-    from nanovlm.models import fused_decode
 
-    def no_compiler(**kwargs):
+    def no_ninja(**kwargs):
         raise RuntimeError("Ninja is required to load C++ extensions")
 
-    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_ninja)
     monkeypatch.setattr(fused_decode, "_extension", None)
     monkeypatch.setattr(fused_decode, "_build_failed", False)
+
+
+def test_fused_decode_falls_back_when_it_cannot_be_built(monkeypatch, caplog):
+    _cannot_build(monkeypatch)
     assert fused_decode.extension() is None
     assert "falls back to torch.compile" in caplog.text
     assert "Ninja is required" in caplog.text
+    assert "pip install -e '.[cpu-fast]'" in caplog.text
 
 
-@needs_cxx
-@pytest.mark.parametrize("step", ["fused C++", "torch.compile"])
-def test_compiled_generation_equals_eager_generation(model, monkeypatch, step):
-    if step == "torch.compile":   # as where the C++ step cannot be built
-        from nanovlm.models import fused_decode
-        monkeypatch.setattr(fused_decode, "fused_decoder", lambda decoder: None)
+def _left_padded_batch():
     prompts = [_prompt(n, seed=n) for n in (3, 6)]
     ids = torch.zeros(2, 10, dtype=torch.long)
     mask = torch.zeros(2, 10, dtype=torch.long)
     for row, p in enumerate(prompts):
         ids[row, 10 - p.shape[1]:] = p[0]
         mask[row, 10 - p.shape[1]:] = 1
-    images = torch.randn(2, 3, 32, 32)
-    eager = model.generate(ids, images=images, attention_mask=mask, max_new_tokens=6, greedy=True)
-    compiled = model.generate(ids, images=images, attention_mask=mask, max_new_tokens=6, greedy=True, compile=True)
-    assert torch.equal(compiled, eager)
+    return dict(input_ids=ids, images=torch.randn(2, 3, 32, 32), attention_mask=mask, max_new_tokens=6, greedy=True)
+
+
+@needs_cpu_fast
+def test_compiled_generation_with_the_fused_step_equals_eager_generation(model):
+    batch = _left_padded_batch()
+    assert fused_decode.fused_decoder(model.decoder) is not None
+    assert torch.equal(model.generate(**batch, compile=True), model.generate(**batch))
+
+
+@needs_cxx
+def test_without_the_extension_compiled_generation_falls_back_says_so_once_and_equals_eager(
+        model, monkeypatch, caplog):
+    # torch.compile of the decode step over a static cache, twice (the second call reuses both).
+    _cannot_build(monkeypatch)
+    batch = _left_padded_batch()
+    eager = model.generate(**batch)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            assert torch.equal(model.generate(**batch, compile=True), eager)
+    said = [r for r in caplog.records if "cpu-fast" in r.getMessage()]
+    assert len(said) == 1

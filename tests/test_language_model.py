@@ -131,17 +131,15 @@ def test_rope_inv_freq_is_a_saved_buffer():
 
 @pytest.mark.parametrize("n_heads,n_kv_heads", [(6, 2), (4, 4)])
 def test_grouped_causal_attention_equals_causal_sdpa_and_its_gradients(n_heads, n_kv_heads):
-    # The written-out causal attention compiled training uses on CPU for short sequences.
-    from nanovlm.models.language_model import grouped_causal_attention
+    # The written-out causal attention nanovlm.accel installs for compiled CPU training.
+    from nanovlm.accel.kernels import grouped_causal_attention
 
     torch.manual_seed(0)
     B, T, hd = 3, 11, 8
-    q, k, v = (torch.randn(B, T, h, hd, dtype=torch.float64, requires_grad=True)
+    q, k, v = (torch.randn(B, h, T, hd, dtype=torch.float64, requires_grad=True)
                for h in (n_heads, n_kv_heads, n_kv_heads))
     ours = grouped_causal_attention(q, k, v)
-    ref = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-        enable_gqa=n_heads != n_kv_heads).transpose(1, 2).reshape(B, T, n_heads * hd)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_heads != n_kv_heads)
     assert torch.allclose(ours, ref, atol=1e-12)
     grad = torch.randn_like(ours)
     ours_grads = torch.autograd.grad(ours, (q, k, v), grad)

@@ -71,16 +71,18 @@ def test_images_of_another_size_are_refused_with_the_expected_size():
 
 
 @needs_cxx
-def test_compiled_vit_matches_siglip_and_eager_gradients(tmp_path):
-    # Under torch.compile on CPU the ViT writes attention out and GELU as x * sigmoid(2u):
-    # still SigLIP's outputs, and the eager gradients.
+def test_vit_with_the_cpu_kernels_compiled_matches_siglip_and_eager_gradients(tmp_path):
+    # nanovlm.accel's CPU forms (attention written out, GELU as x * sigmoid(2u)), compiled:
+    # still SigLIP's outputs, and the plain eager model's gradients.
+    from nanovlm.accel import apply_cpu_kernels
+
     reference, ours = _siglip_and_ours(tmp_path)
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         expected = reference(pixel_values=images).last_hidden_state
-    compiled = torch.compile(ours, dynamic=False)
     grads = []
-    for forward in (ours, compiled):
+    for accelerated in (False, True):
+        forward = torch.compile(apply_cpu_kernels(ours), dynamic=False) if accelerated else ours
         ours.zero_grad()
         out = forward(images)
         out.square().mean().backward()

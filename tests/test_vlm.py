@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from nanovlm.config import VLMConfig
-from nanovlm.models import ModalityProjector, VisionLanguageModel, pixel_shuffle, vision_language_model
-from nanovlm.models.vision_language_model import linear_cross_entropy
-from nanovlm.training.compiling import compile_for_training
+from nanovlm.accel import apply_training_kernels, compile_for_training, kernels
+from nanovlm.accel.kernels import linear_cross_entropy
+from nanovlm.models import ModalityProjector, VisionLanguageModel, pixel_shuffle
 from toolchain import needs_cxx
 
 TINY = dict(vit_hidden_dim=32, vit_inter_dim=64, vit_n_heads=4, vit_n_blocks=2, vit_img_size=32, vit_patch_size=8,
@@ -148,13 +148,14 @@ def test_compiled_training_loss_keeps_the_head_on_supervised_positions(monkeypat
     # Under torch.compile the head-and-loss part runs eagerly (a graph break), so the head still
     # sees only the supervised rows; loss and gradients equal eager ones.
     model, batch = _answer_only_batch()
+    apply_training_kernels(model)   # as the training loop does, eager or compiled
     head_rows = []
 
     def spy(hidden, weight, targets):
         head_rows.append(hidden.shape[0])
         return linear_cross_entropy(hidden, weight, targets)
 
-    monkeypatch.setattr(vision_language_model, "linear_cross_entropy", spy)
+    monkeypatch.setattr(kernels, "linear_cross_entropy", spy)
     _, eager, eager_grads = _loss_and_grads(model, model, batch, return_logits=False)
     _, compiled, compiled_grads = _loss_and_grads(model, compile_for_training(model, torch.device("cpu")), batch,
                                                   return_logits=False)
@@ -193,6 +194,33 @@ def test_compiled_training_with_a_mask_prints_no_graph_break_warning(caplog):
     assert not any("Graph break" in message for message in warned), warned
 
 
+@needs_cxx
+def test_compiled_cpu_training_traces_the_accel_kernels(monkeypatch):
+    # compile_for_training on CPU installs nanovlm.accel's forms, and the compiled forward traces
+    # them: the written-out attentions, GELU as x * sigmoid(2u), the compiled tail.
+    from nanovlm.accel import compile as accel_compile
+
+    torch._dynamo.reset()
+    model, batch = _answer_only_batch()
+    traced = []
+
+    def spy(module, name):
+        fn = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            traced.append(name)
+            return fn(*args, **kwargs)
+        monkeypatch.setattr(module, name, wrapper)
+
+    for name in ("vit_attention", "causal_attention", "gelu_sigmoid", "_finish_rows"):
+        spy(accel_compile, name)
+    spy(kernels, "grouped_causal_attention")   # what causal_attention picks for a short unpadded batch
+    _, loss = compile_for_training(model, torch.device("cpu"))(**batch, return_logits=False)
+    loss.backward()
+    assert set(traced) == {"vit_attention", "causal_attention", "grouped_causal_attention", "gelu_sigmoid",
+                           "_finish_rows"}
+
+
 def test_linear_cross_entropy_equals_linear_then_cross_entropy():
     torch.manual_seed(0)
     hidden = torch.randn(7, 16, requires_grad=True)
@@ -209,7 +237,8 @@ def test_linear_cross_entropy_equals_linear_then_cross_entropy():
 def test_bfloat16_autocast_training_loss_takes_the_plain_head(monkeypatch):
     # linear_cross_entropy is float32 only; under autocast the loss goes through head + F.cross_entropy.
     model, batch = _answer_only_batch()
-    monkeypatch.setattr(vision_language_model, "linear_cross_entropy", None)   # would fail if called
+    apply_training_kernels(model)
+    monkeypatch.setattr(kernels, "linear_cross_entropy", None)   # would fail if called
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, loss = model(**batch, return_logits=False)
     loss.backward()

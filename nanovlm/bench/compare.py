@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from nanovlm.bench.flops import param_counts
+from nanovlm.models.flops import param_counts
 from nanovlm.bench.harness import (
     InferenceSpec, NanoVLMRunner, Stat, TrainSpec, matmul_peak_flops, measure_inference, measure_training,
     synthetic_batch, timed,

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from nanovlm.bench.flops import param_counts
+from nanovlm.models.flops import param_counts
 from nanovlm.bench.harness import (
     InferenceSpec, NanoVLMRunner, TrainSpec, flat, matmul_peak_flops, measure_inference, measure_training,
     synthetic_batch, timed,

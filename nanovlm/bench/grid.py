@@ -213,7 +213,7 @@ def measure_point(config: dict[str, dict], measure: dict[str, Any]) -> dict[str,
     """Build the point's model and measure it; plain-float metrics (static sizes included)."""
     import torch
 
-    from nanovlm.bench.flops import model_sizes
+    from nanovlm.models.flops import model_sizes
     from nanovlm.bench.harness import InferenceSpec, TrainSpec, benchmark
 
     vlm, train = configs_from_dict(config)

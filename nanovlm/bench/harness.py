@@ -22,9 +22,9 @@ from typing import Callable, Protocol
 
 import torch
 
-from nanovlm.bench.flops import vlm_flops
+from nanovlm.accel import apply_training_kernels, compile_for_training
 from nanovlm.config import VLMConfig
-from nanovlm.training.compiling import compile_for_training
+from nanovlm.models.flops import vlm_flops
 from nanovlm.training.optim import adamw
 
 logger = logging.getLogger(__name__)
@@ -151,6 +151,7 @@ class NanoVLMRunner:
         if self._optimizer is None:
             self.model.train()
             self._optimizer = adamw(self.model.parameters(), lr=self.lr)
+            apply_training_kernels(self.model)   # as the training loop does
             # dynamic=False: a second config in the same process would otherwise be compiled with
             # dynamic shapes (automatic dynamic), measured 2x slower than eager on CPU.
             self._train_forward = (compile_for_training(self.model, self.device, dynamic=False) if self.compile

@@ -25,7 +25,7 @@ def _human(n: float, unit: str = "") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanovlm.bench.flops import model_sizes
+    from nanovlm.models.flops import model_sizes
 
     vlm, train = configs_from_args(args)
     if args.seq_len is not None and args.seq_len <= 0:

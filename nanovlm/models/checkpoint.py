@@ -1,4 +1,5 @@
-"""Reading and writing `model.safetensors` with errors that name the file and the tensor.
+"""Reading and writing `model.safetensors` with errors that name the file and the tensor, and
+the state-dict hooks that keep nanoVLM's checkpoint keys for fused weights.
 
 safetensors' own loader reports a truncated file as "incomplete metadata" and a wrong shape
 without the file; here every failure says which file, which tensor, and what was expected.
@@ -10,6 +11,7 @@ import json
 import logging
 import struct
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -120,3 +122,48 @@ def load_weights(model: nn.Module, path: str | Path, aliases: dict[str, str] | N
             except Exception as exc:  # safetensors raises its own error types
                 raise CheckpointError(f"Weights file {path}: cannot read tensor {source!r}: {exc}") from exc
             state[key].copy_(value)
+
+
+def register_split_hooks(module: nn.Module, fused: str, parts: Sequence[tuple[str, int]]) -> None:
+    """Store `module.<fused>.weight` (rows = the parts, in order) under one key per part.
+
+    parts: (name, rows) pairs, e.g. (("q_proj", D), ("k_proj", kv), ("v_proj", kv)). Saving
+    replaces `<fused>.weight` by `<name>.weight` row views (same storage, same key order as
+    separate projections would have); loading concatenates them back."""
+    names = [name for name, _ in parts]
+    sizes = [rows for _, rows in parts]
+
+    def split_on_save(mod, state_dict, prefix, local_metadata):
+        key = f"{prefix}{fused}.weight"
+        if key not in state_dict:
+            return
+        # This module's keys are the last ones written; keep the parts where the fused key was.
+        later = [k for k in state_dict if k.startswith(prefix)]
+        later = later[later.index(key) + 1:]
+        weight = state_dict.pop(key)
+        for name, piece in zip(names, weight.split(sizes, dim=0)):
+            state_dict[f"{prefix}{name}.weight"] = piece
+        for k in later:
+            state_dict[k] = state_dict.pop(k)
+
+    def concat_on_load(mod, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        keys = [f"{prefix}{name}.weight" for name in names]
+        present = [k for k in keys if k in state_dict]
+        if not present:
+            return                      # a fused key (or nothing) is given: the default loading handles it
+        if len(present) < len(keys):
+            if strict:
+                error_msgs.append(f"{prefix}{fused}.weight is stored as {keys}; only {present} are given.")
+            return
+        pieces = [state_dict[k] for k in keys]
+        expected = [(rows, mod.get_submodule(fused).in_features) for rows in sizes]
+        if [tuple(t.shape) for t in pieces] != expected:
+            error_msgs.append(f"{prefix}{fused}: {keys} have shapes {[list(t.shape) for t in pieces]}, "
+                              f"the model expects {[list(e) for e in expected]} (a checkpoint of another config?).")
+            return
+        for k in keys:
+            del state_dict[k]
+        state_dict[f"{prefix}{fused}.weight"] = torch.cat(pieces, dim=0)
+
+    module.register_state_dict_post_hook(split_on_save)
+    module.register_load_state_dict_pre_hook(concat_on_load)

@@ -17,11 +17,6 @@ import torch.nn.functional as F
 from nanovlm.config import VLMConfig
 
 
-# Sequences up to this many patches use written-out attention instead of SDPA on CPU under
-# torch.compile (see ViTAttention.forward).
-MATH_ATTENTION_MAX_LEN = 256
-
-
 class ViTPatchEmbeddings(nn.Module):
     def __init__(self, cfg: VLMConfig):
         super().__init__()
@@ -61,23 +56,16 @@ class ViTAttention(nn.Module):
         # q, k, v fused into one matmul: rows [0:D] = q, [D:2D] = k, [2D:3D] = v.
         self.qkv_proj = nn.Linear(cfg.vit_hidden_dim, 3 * cfg.vit_hidden_dim, bias=True)
         self.out_proj = nn.Linear(cfg.vit_hidden_dim, cfg.vit_hidden_dim, bias=True)
+        # softmax(q k^T / sqrt(hd)) v with SDPA's signature; nanovlm.accel may replace it (same maths).
+        self.sdpa = F.scaled_dot_product_attention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         # split, not a permute and unbind: their backward is a stack, which inductor (CPU) wrote as
-        # one more copy of the gradient; a split's is a cat into the gradient's columns (paired
-        # A/B, compiled 27M compare step, below).
+        # one more copy of the gradient; a split's is a cat into the gradient's columns.
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)      # each [B, H, T, hd]
                    for t in self.qkv_proj(x).split(D, dim=-1))
-        dropout = self.dropout if self.training else 0.0
-        if x.device.type == "cpu" and T <= MATH_ATTENTION_MAX_LEN and torch.compiler.is_compiling():
-            # softmax(q k^T / sqrt(hd)) v written out: compiled on CPU, its forward and backward
-            # took 1.8 ms against flash SDPA's 3.4 ms at [8 images, 6 heads, 64 patches, 64]
-            # (8.3 vs 9.1 ms at 256 patches); SDPA's fixed costs dominate short sequences.
-            weights = torch.softmax((q * self.head_dim ** -0.5) @ k.transpose(-1, -2), dim=-1)
-            y = F.dropout(weights, dropout) @ v if dropout > 0.0 else weights @ v
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        y = self.sdpa(q, k, v, dropout_p=self.dropout if self.training else 0.0)   # [B, H, T, hd]
         return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -86,24 +74,16 @@ class ViTMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(cfg.vit_hidden_dim, cfg.vit_inter_dim)
         self.fc2 = nn.Linear(cfg.vit_inter_dim, cfg.vit_hidden_dim)
+        # nanovlm.accel may replace it with another form of the same function.
+        self.act = gelu_tanh
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(gelu_tanh(self.fc1(x)))
-
-
-_TWO_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
+        return self.fc2(self.act(self.fc1(x)))
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GELU with the tanh approximation (SigLIP's `gelu_pytorch_tanh`).
-
-    Under torch.compile on CPU it is written x * sigmoid(2u), which equals 0.5 x (1 + tanh(u))
-    for u = sqrt(2/pi) (x + 0.044715 x^3): inductor's CPU code for that form ran forward and
-    backward in 0.4 + 0.6 ms against 0.9 + 1.2 ms for its tanh (a [512, 1536] float32
-    activation, 2 threads), outputs within 5e-7. Eager keeps torch's fused kernel, which is
-    the faster one there; GPUs keep it too (not measured there)."""
-    if x.is_cpu and torch.compiler.is_compiling():
-        return x * torch.sigmoid(_TWO_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
+    """GELU with the tanh approximation (SigLIP's `gelu_pytorch_tanh`):
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     return F.gelu(x, approximate="tanh")
 
 

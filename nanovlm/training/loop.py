@@ -31,9 +31,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from nanovlm.accel import apply_training_kernels, compile_for_training
 from nanovlm.config import TrainConfig, VLMConfig, configs_to_dict
 from nanovlm.training import checkpointing
-from nanovlm.training.compiling import compile_for_training
 from nanovlm.training.evaluation import evaluate
 from nanovlm.training.hooks import TrainHooks
 from nanovlm.training.metrics import measured_peak_flops, step_metrics, vlm_flops
@@ -219,6 +219,7 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None =
         rng_state = state["rng"]  # restored last, right before the first step
         logger.info("Resumed from %s at step %d (%d batches consumed).", resume_dir, start_step, batches_consumed)
 
+    apply_training_kernels(model)   # exact: eager and compiled runs alike
     train_model = hooks.wrap_model(model)
     if train_cfg.compile:
         train_model = compile_for_training(train_model, device)

@@ -1,7 +1,7 @@
 """Throughput, FLOPs, MFU and memory: the numbers every step reports, as plain floats.
 
 MFU = (model FLOPs of the step's samples) / (step time * peak FLOP/s * workers).
-The FLOPs come from `vlm_flops` (analytic, see nanovlm/bench/flops.py); the peak is
+The FLOPs come from `vlm_flops` (analytic, see nanovlm/models/flops.py); the peak is
 `TrainConfig.peak_flops`, or when that is None a matmul timed once on the device in the
 training dtype (an achievable peak, not the datasheet number).
 """
@@ -16,7 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanovlm.bench.flops import vlm_flops  # noqa: F401  (re-exported: FLOPs of one sample)
+from nanovlm.models.flops import vlm_flops  # noqa: F401  (re-exported: FLOPs of one sample)
 
 logger = logging.getLogger(__name__)
 

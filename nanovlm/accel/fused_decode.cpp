@@ -5,7 +5,7 @@
 // every small op after it starts cold: measured 10-30 us per op from Python on a 2-core Xeon,
 // about as much as all the weight reads together. Here the small ops (RMSNorm, RoPE, the cache
 // write, SwiGLU, and attention over the cache) are plain loops over a few hundred floats, and
-// only the matrix products go through ATen (MKL). Same math as LanguageModel._decode_blocks (see fused_decode.py).
+// only the matrix products go through ATen (MKL). Same math as the decoder forward over a KVCache (see fused_decode.py).
 
 #include <torch/extension.h>
 

@@ -1,16 +1,19 @@
 """The CPU decode step as one C++ call (`fused_decode.cpp`), for `generate(compile=True)` on CPU.
 
 Batch-1 decoding reads every decoder weight once per token (memory-bound), and between those
-reads runs ~25 small ops per block. Each weight read streams megabytes through the caches, so
-each small op after it starts cold: 10-30 us per op from Python on the 2-core Xeon we measure
-on, as much time as the weight reads. The C++ step keeps the matrix products in ATen (MKL) and
-does RMSNorm, RoPE, the cache write, attention over the cache and SwiGLU as loops: on the 27M
-`mid` benchmark config, 2.6 -> 1.5 ms per token at 2 threads (the weight reads alone: ~1.25 ms).
+reads runs ~25 small ops per block, each starting with cold caches after a weight read. The C++
+step keeps the matrix products in ATen (MKL) and does RMSNorm, RoPE, the cache write, attention
+over the cache and SwiGLU as loops (docs/benchmarks.md has the measurements).
 
-The extension is built on first use with `torch.utils.cpp_extension` (needs a C++ compiler; ninja
-comes with the `ninja` package; ~25 s, once per machine and source version, cached in
-TORCH_EXTENSIONS_DIR). Where it cannot be built, `extension()` returns None and callers fall back
-to `torch.compile`.
+It computes what the decoder's forward computes with a `generation.KVCache` for one token per row
+(tests/test_generate.py holds it to that): it writes this token's keys and values into the
+cache's `k`/`v` buffers at slot `length`, attends over slots [0, length] where `key_mask` allows,
+and takes RoPE tables precomputed for every step.
+
+The extension is built on first use with `torch.utils.cpp_extension` (needs a C++ compiler and
+ninja, which `pip install -e '.[cpu-fast]'` installs; ~25 s, once per machine and source version,
+cached in TORCH_EXTENSIONS_DIR). Where it cannot be built, `extension()` says so once and returns
+None, and callers fall back to `torch.compile`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fused_decode.cpp")
 NAME = "nanovlm_fused_decode"
+INSTALL_HINT = "pip install -e '.[cpu-fast]'"
 STALE_LOCK_S = 600   # a build takes ~25 s; a lock this old was left by a process killed mid-build
 _extension = None
 _build_failed = False
@@ -45,7 +49,8 @@ def extension():
         except Exception as exc:   # no compiler, no ninja, no headers: the torch.compile path still works
             _build_failed = True
             logger.warning("The fused CPU decode step could not be built (%s: %s); decoding falls back to "
-                           "torch.compile.", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                           "torch.compile. It needs ninja and a C++ compiler: %s installs ninja.",
+                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", INSTALL_HINT)
     return _extension
 
 
@@ -65,8 +70,8 @@ def _clear_stale_build_lock() -> None:
 
 
 def _put_ninja_on_path() -> None:
-    """torch's builder runs `ninja` from PATH; the `ninja` package (a dependency) ships one, whose
-    directory is not on PATH when the venv's python runs without activating the venv."""
+    """torch's builder runs `ninja` from PATH; the `ninja` package (the `cpu-fast` extra) ships one,
+    whose directory is not on PATH when the venv's python runs without activating the venv."""
     if shutil.which("ninja") is None:
         try:
             import ninja
