@@ -13,18 +13,11 @@ from nanovlm.cli import main
 from nanovlm.config import configs_to_dict
 from nanovlm.training import TrainHooks, train
 from nanovlm.training.checkpointing import list_checkpoints
-from training_configs import tiny_configs
+from training_configs import set_arguments, tiny_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
 EXPERIMENT = "front-door"
-# the tiny test model (tests/training_configs.py) as --set arguments, with an evaluation at the end only
-SETTINGS = dict(
-    vit_img_size=32, vit_patch_size=8, vit_hidden_dim=32, vit_inter_dim=64, vit_n_heads=2, vit_n_blocks=1,
-    lm_hidden_dim=32, lm_inter_dim=64, lm_n_heads=2, lm_n_kv_heads=1, lm_n_blocks=1,
-    batch_size=4, shapes_train_size=64, shapes_eval_size=8, eval_samples=4, max_new_tokens_eval=3,
-    eval_interval=1000, checkpoint_interval=1000, log_interval=1000, peak_flops=1e12, warmup_ratio=0.2)
-SETS = [arg for k, v in SETTINGS.items() for arg in ("--set", f"{k}={v}")]
 
 
 class LossRecorder(TrainHooks):
@@ -54,7 +47,7 @@ def first_run(store, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "out"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", store)
-        assert main(["train", "--preset", "tiny", *SETS, "--max-steps", str(STEPS), "--output", str(out),
+        assert main(["train", "--preset", "tiny", *set_arguments(), "--max-steps", str(STEPS), "--output", str(out),
                      "--experiment", EXPERIMENT, "--run-name", "single"]) == 0
     runs = list(tracking.iter_runs(EXPERIMENT, store))
     assert len(runs) == 1
