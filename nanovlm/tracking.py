@@ -260,13 +260,24 @@ def start_training_run(config: dict[str, dict[str, Any]], *, uri: str, run_name:
                            run_id, uri, exc)
         else:
             client.update_run(run_id, status="RUNNING")
-            changed = {k: v for k, v in flatten_config(config).items() if logged.get(k) != v}
+            changed = {k: v for k, v in flatten_config(config).items() if not _same_param(logged.get(k), v)}
             if changed:
                 client.set_tag(run_id, RESUMED_WITH_TAG, json.dumps(changed, sort_keys=True)[:5000])
             logger.info("MLflow run %s continues (resumed) in %s", run_id, uri)
             return run_id
     return create_run(config, uri=uri, experiment_name=config["train"]["experiment_name"], run_name=run_name,
                       tags=tags)
+
+
+def _same_param(logged: Optional[str], value: str) -> bool:
+    """Whether two param strings hold one value: "10000" and "10000.0" do (a preset's int in a
+    float field reads back from a checkpoint's JSON as a float)."""
+    if logged == value:
+        return True
+    try:
+        return float(logged) == float(value)
+    except (TypeError, ValueError):
+        return False
 
 
 def write_run_record(checkpoint_dir: str | Path, run_id: str, uri: str) -> None:
