@@ -21,7 +21,7 @@ same run. `tracking: None` turns MLflow off.
 Reports: every `report_interval` steps, after every evaluation, and with every checkpoint.
 Every rank calls `ray.train.report` at the same steps (Train V2 uses it as a barrier); only
 rank 0 attaches the `Checkpoint` (the loop's step directory: model.safetensors, config.json,
-train_state.pt with optimizer/scheduler/RNG/data position).
+train_state.pt with optimizer/scheduler/RNG/data position, and the MLflow run record).
 
 A report waits until Train's controller has read the previous one (it polls each worker every
 RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so reports are made on a thread of their own, in order, and
