@@ -12,7 +12,7 @@ import sys
 from nanovlm.config import ConfigError
 
 SUBCOMMANDS = {
-    "train": "train a model (single process, or on Ray Train with --num-workers)",
+    "train": "train a model, tracked in MLflow (one process, or Ray Train with --num-workers N or --gpu)",
     "generate": "answer a prompt about an image with a checkpoint",
     "config": "print a preset's full config, with overrides applied",
     "validate": "check a config and print parameter counts and FLOPs without building weights",
@@ -25,11 +25,22 @@ SUBCOMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanovlm", description="Train, sweep and benchmark small VLMs on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in SUBCOMMANDS.items():
         module = importlib.import_module(f"nanovlm.commands.{name}")
         module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
+
+
+def package_version() -> str:
+    """The installed distribution's version (pyproject.toml), without importing the package's modules."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nanovlm-ray")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

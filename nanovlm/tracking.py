@@ -7,8 +7,11 @@ root; `MLFLOW_TRACKING_URI` replaces the store entirely (an `http://` server on 
 
 One MLflow run per training run: every config field is a param under its dataclass name,
 metrics are logged by step, the final checkpoint and `summary.json` are artifacts, and tags say
-which commit, preset, dataset, world size and device produced it. `check_tracking_store` fails
-fast with a clear message before training; after that, `TrackingRun` logs and swallows errors.
+who ran it from where (MLflow's own `mlflow.user`, `mlflow.source.*`), and which commit, preset,
+dataset, world size and device produced it. Each checkpoint holds a run record
+(`mlflow_run.json`), so that resuming from it continues the same MLflow run. Experiments are
+tagged as model training, so the MLflow UI opens them on their runs. `check_tracking_store`
+fails fast with a clear message before training; after that, `TrackingRun` logs and swallows errors.
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ logger = logging.getLogger(__name__)
 DB_FILENAME = "mlflow.db"
 ARTIFACTS_DIRNAME = "mlartifacts"
 PARENT_RUN_TAG = "mlflow.parentRunId"   # MLflow's own tag for nested runs
+# MLflow 3's UI shows an experiment without this tag as GenAI work (traces, "Evaluations");
+# its values: genai_development, custom_model_development, finetuning, no_inferred_type.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+RUN_RECORD_FILE = "mlflow_run.json"     # in each training checkpoint: the run that wrote it
+RESUMED_WITH_TAG = "nanovlm.resumed_with"  # config fields a resumed run changed (params are immutable)
 MAX_BUFFERED_METRICS = 50_000           # kept across tracking outages, oldest dropped beyond this
 
 
@@ -159,6 +168,24 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
+def context_tags() -> dict[str, str]:
+    """The tags `mlflow.start_run` adds from the process's context and `MlflowClient.create_run`
+    does not (`mlflow.user`, `mlflow.source.name`/`.type`, git), with our `git_commit()`, which
+    also knows a submitted job's commit. Without them the UI's User and Source columns are empty."""
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
+
+    tags = resolve_tags()
+    commit = git_commit()
+    if commit != "unknown":
+        tags[MLFLOW_GIT_COMMIT] = commit
+    return tags
+
+
+def default_run_name(preset: Optional[str]) -> str:
+    return f"{preset or 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def run_tags(config: dict[str, dict[str, Any]], *, preset: Optional[str], world_size: int,
              device_type: str, extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     train = config["train"]
@@ -179,31 +206,35 @@ def run_tags(config: dict[str, dict[str, Any]], *, preset: Optional[str], world_
 
 
 def get_or_create_experiment(uri: str, name: str) -> str:
+    """The id of experiment `name`, created if needed; either way tagged as model training
+    (`EXPERIMENT_KIND_TAG`) unless it already has a kind."""
     client = _client(uri)
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = artifact_root(uri)
-    try:
-        return client.create_experiment(name, artifact_location=f"{location}/{name}" if location else None)
-    except Exception:  # noqa: BLE001 - another process created it first
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    if experiment is None:
+        location = artifact_root(uri)
+        try:
+            return client.create_experiment(name, artifact_location=f"{location}/{name}" if location else None,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except Exception:  # noqa: BLE001 - another process created it first
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 def create_run(config: dict[str, dict[str, Any]], *, uri: Optional[str] = None,
                experiment_name: Optional[str] = None, run_name: Optional[str] = None,
                tags: Optional[dict[str, str]] = None, parent_run_id: Optional[str] = None) -> str:
-    """Create an MLflow run with every config field as a param; return its id. Raises on failure
-    (call it before training, after `check_tracking_store`)."""
-    from mlflow.entities import Param, RunTag
+    """Create an MLflow run with every config field as a param and the `context_tags()` under
+    `tags`; return its id. Raises on failure (call it before training, after `check_tracking_store`)."""
+    from mlflow.entities import Param
 
     uri = uri or default_tracking_uri()
     client = _client(uri)
     experiment_id = get_or_create_experiment(uri, experiment_name or config["train"]["experiment_name"])
-    all_tags = dict(tags or {})
+    all_tags = {**context_tags(), **(tags or {})}
     if parent_run_id:
         all_tags[PARENT_RUN_TAG] = parent_run_id
     run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
@@ -212,6 +243,63 @@ def create_run(config: dict[str, dict[str, Any]], *, uri: Optional[str] = None,
         client.log_batch(run.info.run_id, params=params[i:i + 100])
     logger.info("MLflow run %s (experiment %r) in %s", run.info.run_id, experiment_name, uri)
     return run.info.run_id
+
+
+def start_training_run(config: dict[str, dict[str, Any]], *, uri: str, run_name: str, tags: dict[str, str],
+                       run_id: Optional[str] = None) -> str:
+    """The MLflow run of a training run, before training: `run_id` (a resumed run's, from its
+    checkpoint's run record) set running again, or a new run (`create_run`) if there is none or
+    the store no longer has it. Params cannot change, so config fields the resumed run changes
+    (e.g. max_training_steps) are recorded as one JSON tag, `RESUMED_WITH_TAG`."""
+    if run_id is not None:
+        client = _client(uri)
+        try:
+            logged = client.get_run(run_id).data.params
+        except Exception as exc:  # noqa: BLE001 - e.g. deleted from the store: start a new run
+            logger.warning("MLflow run %s of the resumed checkpoint is not in %s (%s); logging to a new run.",
+                           run_id, uri, exc)
+        else:
+            client.update_run(run_id, status="RUNNING")
+            changed = {k: v for k, v in flatten_config(config).items() if not _same_param(logged.get(k), v)}
+            if changed:
+                client.set_tag(run_id, RESUMED_WITH_TAG, json.dumps(changed, sort_keys=True)[:5000])
+            logger.info("MLflow run %s continues (resumed) in %s", run_id, uri)
+            return run_id
+    return create_run(config, uri=uri, experiment_name=config["train"]["experiment_name"], run_name=run_name,
+                      tags=tags)
+
+
+def _same_param(logged: Optional[str], value: str) -> bool:
+    """Whether two param strings hold one value: "10000" and "10000.0" do (a preset's int in a
+    float field reads back from a checkpoint's JSON as a float)."""
+    if logged == value:
+        return True
+    try:
+        return float(logged) == float(value)
+    except (TypeError, ValueError):
+        return False
+
+
+def write_run_record(checkpoint_dir: str | Path, run_id: str, uri: str) -> None:
+    """`mlflow_run.json` in a checkpoint: the run to continue when training resumes from it.
+    Inside the checkpoint directory, it travels with every copy of it (Ray Train's included)."""
+    path = Path(checkpoint_dir) / RUN_RECORD_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}) + "\n")
+    tmp.replace(path)
+
+
+def recorded_run_id(checkpoint_dir: str | Path, uri: str) -> Optional[str]:
+    """The run id in a checkpoint's run record when that run lives in store `uri`, else None."""
+    path = Path(checkpoint_dir) / RUN_RECORD_FILE
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("tracking_uri") != uri:
+        logger.info("Checkpoint %s was tracked in %s, not %s: a new MLflow run starts.",
+                    checkpoint_dir, record.get("tracking_uri"), uri)
+        return None
+    return record.get("run_id")
 
 
 # ==================================================================== fail-soft logging

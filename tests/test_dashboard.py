@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from nanovlm import tracking
-from nanovlm.commands.dashboard import server_command
+from nanovlm.commands.dashboard import landing_page, server_command
 from nanovlm.sweep.runner import SweepState, SweepTracker, _create_parent_run
 from nanovlm.sweep.space import parse_space
 
@@ -51,6 +51,17 @@ def test_server_command_binds_loopback_with_one_worker():
     assert command[command.index("--artifacts-destination") + 1] == Path("/tmp/x/mlartifacts").as_uri()
 
 
+def test_dashboard_opens_on_the_runs_of_the_experiment(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.check_tracking_store(uri)
+    address = "http://127.0.0.1:5000"
+    assert landing_page(uri, address, "dash-runs") == f"Open {address} (experiment 'dash-runs' has no runs yet)."
+    client = tracking._client(uri)
+    experiment_id = client.create_experiment("dash-runs")  # made before experiments were tagged
+    assert landing_page(uri, address, "dash-runs").endswith(f"{address}/#/experiments/{experiment_id}/runs")
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_dashboard_serves_the_sweep_runs_over_rest(tmp_path):
@@ -86,7 +97,7 @@ def test_dashboard_serves_the_sweep_runs_over_rest(tmp_path):
         for child in child_ids:
             tags = {t["key"]: t["value"] for t in by_id[child]["data"]["tags"]}
             params = {p["key"]: p["value"] for p in by_id[child]["data"]["params"]}
-            assert tags["mlflow.parentRunId"] == parent_id
+            assert tags["mlflow.parentRunId"] == parent_id and tags["mlflow.user"] and tags["mlflow.source.name"]
             assert params["lr_mp"] in ("0.001", "0.003") and "mp_pixel_shuffle_factor" in params
         # listening on loopback only
         listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout

@@ -3,16 +3,12 @@
 import shutil
 import socket
 import tempfile
-import sys
-from pathlib import Path
 
 import pytest
 
+from nanovlm.cli import main
 from nanovlm.config import preset
 from nanovlm.distributed import ClusterResourceError, check_cluster_resources, run_training
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-import train as train_job  # noqa: E402  (jobs/train.py)
 
 
 def _free_port() -> int:
@@ -32,27 +28,28 @@ def no_ray_started_by_accident():
 
 
 def test_unknown_set_field_names_the_field_and_a_suggestion(capsys):
-    assert train_job.main(["--preset", "tiny", "--set", "lm_n_blokcs=4"]) == 2
+    assert main(["train", "--preset", "tiny", "--set", "lm_n_blokcs=4"]) == 2
     err = capsys.readouterr().err
     assert "lm_n_blokcs" in err and "did you mean 'lm_n_blocks'" in err
 
 
 def test_impossible_shapes_name_the_fields_and_a_valid_choice(capsys):
-    assert train_job.main(["--preset", "tiny", "--set", "vit_img_size=64", "--set", "vit_patch_size=7"]) == 2
+    assert main(["train", "--preset", "tiny", "--set", "vit_img_size=64", "--set", "vit_patch_size=7"]) == 2
     err = capsys.readouterr().err
     assert "vit_img_size=64 is not divisible by vit_patch_size=7" in err
 
 
-def test_unreachable_tracking_uri_fails_before_ray_starts(monkeypatch, capsys):
+@pytest.mark.parametrize("workers", ["1", "2"])  # one process, Ray Train
+def test_unreachable_tracking_uri_fails_before_training_or_ray_starts(monkeypatch, capsys, workers):
     uri = f"http://127.0.0.1:{_free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    assert train_job.main(["--preset", "tiny", "--num-workers", "1"]) == 2
+    assert main(["train", "--preset", "tiny", "--num-workers", workers]) == 2
     err = capsys.readouterr().err
-    assert uri in err and "unreachable" in err
+    assert uri in err and "unreachable" in err and len(err.strip().splitlines()) == 1
 
 
 def test_gpu_flag_with_a_cpu_device_is_refused(capsys):
-    assert train_job.main(["--preset", "tiny", "--gpu", "--set", "device=cpu"]) == 2
+    assert main(["train", "--preset", "tiny", "--gpu", "--set", "device=cpu"]) == 2
     assert "use_gpu=True but device='cpu'" in capsys.readouterr().err
 
 

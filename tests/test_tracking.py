@@ -114,6 +114,36 @@ def test_run_records_params_tags_metrics_and_artifacts(store, tmp_path):
     assert [f.path for f in client.list_artifacts(run_id, "checkpoint")] == ["checkpoint/config.json"]
 
 
+def test_runs_carry_mlflow_context_tags_in_a_model_training_experiment(store):
+    uri, _ = store
+    run_id = tracking.create_run(configs_to_dict(*preset("tiny")), uri=uri, experiment_name="t-context",
+                                 tags={"preset": "tiny"})
+    client = tracking._client(uri)
+    tags = client.get_run(run_id).data.tags
+    assert tags["mlflow.user"] and tags["mlflow.source.name"] and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.git.commit"] == tracking.git_commit() and tags["preset"] == "tiny"
+    kind = client.get_experiment_by_name("t-context").tags[tracking.EXPERIMENT_KIND_TAG]
+    assert kind == "custom_model_development"
+
+
+def test_an_existing_experiment_without_a_kind_is_tagged_when_logged_to(store):
+    uri, _ = store
+    client = tracking._client(uri)
+    made_elsewhere = client.create_experiment("t-untagged")
+    genai = client.create_experiment("t-genai", tags={tracking.EXPERIMENT_KIND_TAG: "genai_development"})
+    assert tracking.get_or_create_experiment(uri, "t-untagged") == made_elsewhere
+    tracking.get_or_create_experiment(uri, "t-genai")
+    assert client.get_experiment(made_elsewhere).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert client.get_experiment(genai).tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"  # a kind is kept
+
+
+def test_a_run_record_names_the_run_only_in_its_own_store(tmp_path):
+    tracking.write_run_record(tmp_path, "abc123", "sqlite:////data/mlflow.db")
+    assert tracking.recorded_run_id(tmp_path, "sqlite:////data/mlflow.db") == "abc123"
+    assert tracking.recorded_run_id(tmp_path, "sqlite:////elsewhere/mlflow.db") is None
+    assert tracking.recorded_run_id(tmp_path / "no-record", "sqlite:////data/mlflow.db") is None
+
+
 def test_child_run_carries_its_parent_id(store):
     uri, _ = store
     config = configs_to_dict(*preset("tiny"))

@@ -20,12 +20,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str = 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[VLMConfig, TrainConfig]:
     """Preset or config file, then --set overrides; both configs validated."""
-    if args.config:
-        path = Path(args.config)
-        if not path.exists():
-            raise FileNotFoundError(f"--config {path} does not exist.")
-        vlm, train = configs_from_dict(json.loads(path.read_text()))
-    else:
-        vlm, train = preset(args.preset)
-    vlm, train = apply_overrides(vlm, train, args.overrides)
+    vlm, train = apply_overrides(*base_configs(args), args.overrides)
     return vlm.validate(), train.validate()
+
+
+def base_configs(args: argparse.Namespace) -> tuple[VLMConfig, TrainConfig]:
+    """The --config file's configs, else the --preset's (not validated yet)."""
+    if not args.config:
+        return preset(args.preset)
+    path = Path(args.config)
+    if not path.exists():
+        raise FileNotFoundError(f"--config {path} does not exist.")
+    return configs_from_dict(json.loads(path.read_text()))

@@ -1,9 +1,11 @@
 """`nanovlm dashboard`: the MLflow UI on 127.0.0.1 over the store that training and sweeps log to.
 
     nanovlm dashboard                 # http://127.0.0.1:5000, the default SQLite store
-    nanovlm dashboard --port 5001
+    nanovlm dashboard --port 5001 --experiment sweep-test
 
-Runs `mlflow server` in the foreground until Ctrl-C. Loopback only: to reach it from another
+Runs `mlflow server` in the foreground until Ctrl-C, and prints the address of the experiment's
+runs (`/#/experiments/<id>/runs`; the experiment is tagged as model training, so MLflow's UI
+shows its runs rather than its GenAI overview). Loopback only: to reach it from another
 machine, forward the port (`ssh -L 5000:127.0.0.1:5000 host`) rather than opening it.
 """
 
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from nanovlm import tracking
+from nanovlm.config import TrainConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend-store-uri", default=None,
                         help="MLflow store to show (default: MLFLOW_TRACKING_URI, else the SQLite file "
                              "under $NANOVLM_HOME or ~/.nanovlm)")
+    parser.add_argument("--experiment", default=TrainConfig.experiment_name, metavar="NAME",
+                        help=f"the experiment whose runs to open (default {TrainConfig.experiment_name!r})")
 
 
 def server_command(uri: str, port: int, host: str = "127.0.0.1") -> list[str]:
@@ -55,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"Note: {db} does not exist yet; the dashboard will be empty until a run or sweep logs to it.")
     tracking.check_tracking_store(uri)  # creates the tables of a new SQLite store, names any problem
     command = server_command(uri, args.port)
-    print(f"MLflow dashboard on http://127.0.0.1:{args.port}  (store: {uri}); Ctrl-C to stop.", flush=True)
+    address = f"http://127.0.0.1:{args.port}"
+    print(f"MLflow dashboard on {address}  (store: {uri}); Ctrl-C to stop.")
+    print(landing_page(uri, address, args.experiment), flush=True)
     # The server runs in its own process group so that stopping this command (Ctrl-C, or
     # SIGTERM from a supervisor or a test) stops the server and every worker it started.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -71,6 +78,16 @@ def run(args: argparse.Namespace) -> int:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
+
+
+def landing_page(uri: str, address: str, experiment_name: str) -> str:
+    """Where to open the dashboard: the runs of `experiment_name` once it exists (tagged as model
+    training on the way, for experiments created before that tag was set)."""
+    experiment = tracking._client(uri).get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return f"Open {address} (experiment {experiment_name!r} has no runs yet)."
+    experiment_id = tracking.get_or_create_experiment(uri, experiment_name)
+    return f"Runs of experiment {experiment_name!r}: {address}/#/experiments/{experiment_id}/runs"
 
 
 def _interrupt(signum, frame) -> None:

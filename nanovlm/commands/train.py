@@ -1,20 +1,24 @@
-"""`nanovlm train`: train a model in this process (or on Ray Train with --num-workers > 1).
+"""`nanovlm train`: train a model, tracked in MLflow, in this process or on Ray Train.
 
     nanovlm train --preset tiny --dataset shapes --max-steps 500 --output runs/demo
-    nanovlm train --resume runs/demo --max-steps 1000          # continue that run
+    nanovlm train --resume runs/demo --max-steps 1000          # continue that run (and its MLflow run)
+    nanovlm train --preset tiny --num-workers 2                # Ray Train, 2 data-parallel workers
+
+One process unless --num-workers is above 1 or --gpu is given: then Ray Train
+(`nanovlm.distributed.run_training`); `jobs/train.py` is this command for `ray job submit`.
+Both routes log the same MLflow run (`nanovlm.training.tracked.train_tracked` is the other).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
+import sys
 from pathlib import Path
+from typing import Any
 
-from nanovlm.commands.common import add_config_arguments, configs_from_args
-from nanovlm.config import TrainConfig, VLMConfig, apply_overrides
-
-logger = logging.getLogger(__name__)
+from nanovlm.commands.common import add_config_arguments, base_configs
+from nanovlm.config import TrainConfig, VLMConfig, apply_overrides, parse_overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,53 +28,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=None, help="output_dir (checkpoints, summary.json)")
     parser.add_argument("--resume", default=None, metavar="DIR",
                         help="continue from a training checkpoint (a run's output dir or its "
-                             "checkpoints/step_XXXXXX); its saved configs are the base unless --config is given, "
-                             "and output_dir stays the run's own unless --output is given")
+                             "checkpoints/step_XXXXXX) and in its MLflow run; its saved configs are the base "
+                             "unless --config is given, and output_dir stays the run's own unless --output is given")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="data-parallel workers (TrainConfig.num_workers); more than 1 runs on Ray Train")
-    parser.add_argument("--gpu", action="store_true", help="use_gpu=True (one GPU per Ray worker)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="use_gpu=True: run on Ray Train with one GPU per worker (nccl, bf16 autocast)")
+    parser.add_argument("--experiment", default=None, metavar="NAME",
+                        help=f"MLflow experiment (TrainConfig.experiment_name, default {TrainConfig.experiment_name!r})")
+    parser.add_argument("--run-name", default=None, metavar="NAME",
+                        help="MLflow run name (default <preset>-<date>-<time>); on Ray Train also the run's "
+                             "directory under the storage path, where an existing name resumes that run")
+    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
 
 
 def _configs(args: argparse.Namespace) -> tuple[VLMConfig, TrainConfig]:
+    """The --resume checkpoint's configs (or --config's, or the --preset's), then --set, then the
+    flags. Validated by the route that trains them, where they enter the process."""
     if args.resume and not args.config:
         from nanovlm.training.checkpointing import TRAIN_CONFIG_FILE, resolve_checkpoint
+
         checkpoint = resolve_checkpoint(args.resume)
         vlm = VLMConfig.from_json(checkpoint / "config.json", strict=False)
         train = TrainConfig.from_json(checkpoint / TRAIN_CONFIG_FILE)
-        vlm, train = apply_overrides(vlm, train, args.overrides)
-        vlm, train = vlm.validate(), train.validate()
     else:
-        vlm, train = configs_from_args(args)
+        vlm, train = base_configs(args)
     flags = {"train_dataset_path": args.dataset, "max_training_steps": args.max_steps,
-             "output_dir": args.output, "num_workers": args.num_workers}
-    if args.gpu:
-        flags["use_gpu"] = True
-    changes = {k: v for k, v in flags.items() if v is not None}
-    return vlm, train.replace(**changes).validate()
+             "output_dir": args.output, "num_workers": args.num_workers, "experiment_name": args.experiment,
+             "use_gpu": True if args.gpu else None}
+    changes = {**parse_overrides(args.overrides), **{k: v for k, v in flags.items() if v is not None}}
+    return apply_overrides(vlm, train, changes)
 
 
 def run(args: argparse.Namespace) -> int:
+    from nanovlm.distributed.launcher import ClusterResourceError
+    from nanovlm.tracking import TrackingError
+
     vlm_cfg, train_cfg = _configs(args)
-
-    if train_cfg.num_workers > 1:
-        # ---- Ray Train route (owned by the distributed package) ----
-        import sys
-
-        from nanovlm.distributed.launcher import ClusterResourceError, run_training
-        from nanovlm.tracking import TrackingError
-        try:
-            result = run_training(vlm_cfg, train_cfg,
-                                  preset_name=None if (args.config or args.resume) else args.preset)
-        except (TrackingError, ClusterResourceError) as exc:
-            print(f"nanovlm train: {exc}", file=sys.stderr)
-            return 2
-        print(json.dumps(result, indent=2, default=str) if not isinstance(result, (int, type(None))) else "")
-        return 0
-    # ---- single process ----
-
-    from nanovlm.training import train
-    summary = train(vlm_cfg, train_cfg, resume_from=args.resume)
-    shown = {k: v for k, v in summary.items() if k != "config"}
-    print(json.dumps(shown, indent=2))
-    print(f"summary written to {Path(train_cfg.output_dir) / 'summary.json'}")
+    options: dict[str, Any] = dict(preset_name=None if (args.config or args.resume) else args.preset,
+                                   run_name=args.run_name, track=not args.no_tracking, resume_from=args.resume)
+    try:
+        if train_cfg.num_workers > 1 or train_cfg.use_gpu:
+            from nanovlm.distributed.launcher import run_training
+            summary = run_training(vlm_cfg, train_cfg, **options)
+        else:
+            from nanovlm.training.tracked import train_tracked
+            summary = train_tracked(vlm_cfg, train_cfg, **options)
+    except (TrackingError, ClusterResourceError) as exc:
+        print(f"nanovlm train: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2, default=str))
+    output_dir = summary.get("config", {}).get("train", {}).get("output_dir", train_cfg.output_dir)
+    print(f"summary written to {Path(output_dir) / 'summary.json'}")
     return 0

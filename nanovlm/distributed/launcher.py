@@ -1,10 +1,10 @@
 """Driver side of a Ray Train run: validate, check the cluster and the tracking store, fit.
 
-`run_training(vlm_cfg, train_cfg, preset_name=...)` is the one path behind both front doors
-(`nanovlm train --num-workers N` and `ray job submit ... python jobs/train.py`). Everything that
-can fail in a second fails here, before a worker starts: config validation, cluster resources,
-the MLflow store. `build_trainer` is the piece Ray Tune reuses inside its trainable (pass
-`callbacks=[TuneReportCallback()]` and a child-run `tracking` spec).
+`run_training(vlm_cfg, train_cfg, preset_name=...)` is the Ray route of `nanovlm train` (also
+`ray job submit ... python jobs/train.py`, which is `nanovlm train`). Everything that can fail in
+a second fails here, before a worker starts: config validation, the checkpoint to resume, the
+MLflow store, cluster resources. `build_trainer` is the piece Ray Tune reuses inside its
+trainable (pass `callbacks=[TuneReportCallback()]` and a child-run `tracking` spec).
 
 Scaling, storage and failure policy are declared in one place:
 
@@ -13,6 +13,9 @@ Scaling, storage and failure policy are declared in one place:
 
 A run lives in `storage_path/name`. Running again with the same name resumes it from its latest
 checkpoint (Train V2 reloads the checkpoint manager's snapshot; `TorchTrainer.restore` is gone).
+`resume_from` (a training checkpoint, e.g. a run's output dir) starts a new Ray run from that
+checkpoint instead; either way the MLflow run continues. A worker group that Ray restarts after
+a failure resumes from Ray's latest checkpoint, which takes precedence over `resume_from`.
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from nanovlm import tracking
 from nanovlm.config import ConfigError, TrainConfig, VLMConfig, configs_to_dict
+from nanovlm.training import checkpointing
 
 logger = logging.getLogger(__name__)
 
@@ -50,60 +53,62 @@ def resolve_storage_path(storage_path: Optional[str]) -> str:
     return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
-def default_run_name(preset_name: Optional[str]) -> str:
-    return f"{preset_name or 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def prepare_configs(vlm_cfg: VLMConfig, train_cfg: TrainConfig) -> tuple[VLMConfig, TrainConfig]:
-    """Validate both configs (raises ConfigError) and make `output_dir` absolute, so every worker
-    writes where the driver meant rather than under Ray's per-run working directory."""
-    vlm_cfg.validate()
-    train_cfg.validate()
+def check_device_settings(train_cfg: TrainConfig) -> None:
+    """Refuse a GPU request that contradicts `device` (Ray gives GPUs only to use_gpu workers)."""
     if train_cfg.use_gpu and train_cfg.device == "cpu":
         raise ConfigError("use_gpu=True but device='cpu'; set device='auto' (or 'cuda') to train on GPUs.")
     if not train_cfg.use_gpu and train_cfg.device == "cuda":
         raise ConfigError("device='cuda' needs use_gpu=True (--gpu) so that Ray gives each worker a GPU.")
-    output_dir = str(Path(train_cfg.output_dir).expanduser().resolve())
-    return vlm_cfg, train_cfg.replace(output_dir=output_dir)
+
+
+def absolute_output_dir(train_cfg: TrainConfig) -> TrainConfig:
+    """`output_dir` made absolute, so every worker writes where the driver meant rather than
+    under Ray's per-run working directory."""
+    return train_cfg.replace(output_dir=str(Path(train_cfg.output_dir).expanduser().resolve()))
 
 
 def worker_config(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Optional[str] = None,
-                  tracking_spec: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                  tracking_spec: Optional[dict[str, Any]] = None,
+                  resume_from: Optional[str] = None) -> dict[str, Any]:
     """The `train_loop_config` of `train_worker`: configs_to_dict plus run metadata."""
     return {**configs_to_dict(vlm_cfg, train_cfg),
-            "run": {"preset": preset_name, "tracking": tracking_spec}}
+            "run": {"preset": preset_name, "tracking": tracking_spec, "resume_from": resume_from}}
 
 
 def build_trainer(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, run_name: Optional[str] = None,
                   preset_name: Optional[str] = None, tracking_spec: Optional[dict[str, Any]] = None,
                   callbacks: Sequence[Any] = (), storage_path: Optional[str] = None,
-                  worker_env: Optional[dict[str, str]] = None):
-    """A `TorchTrainer` for these configs (validated first).
+                  worker_env: Optional[dict[str, str]] = None, resume_from: Optional[str | Path] = None):
+    """A `TorchTrainer` for configs already validated (`run_training`, a Tune trial's
+    `trial_configs`); each worker validates them again as they enter its process.
 
     tracking_spec: None turns MLflow off in the workers; otherwise a dict with any of `uri`,
     `experiment_name`, `run_id` (log into an existing run), `parent_run_id` (create a nested
     run, e.g. one per Tune trial), `run_name`, `tags`.
     callbacks: extra Train callbacks, e.g. `ray.tune.integration.ray_train.TuneReportCallback()`.
     worker_env: environment variables for the workers (e.g. NCCL_DEBUG, NANOVLM_KILL_RANK_AT_STEP).
+    resume_from: a training checkpoint the workers start from, unless Ray has a checkpoint of
+    this run (on a multi-node cluster, a path every node sees).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from nanovlm.distributed.worker import train_worker
 
-    vlm_cfg, train_cfg = prepare_configs(vlm_cfg, train_cfg)
+    train_cfg = absolute_output_dir(train_cfg)
     storage = resolve_storage_path(storage_path or train_cfg.storage_path)
     resources = {"CPU": train_cfg.cpus_per_worker}
     if train_cfg.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker=train_worker,
-        train_loop_config=worker_config(vlm_cfg, train_cfg, preset_name=preset_name, tracking_spec=tracking_spec),
+        train_loop_config=worker_config(vlm_cfg, train_cfg, preset_name=preset_name, tracking_spec=tracking_spec,
+                                        resume_from=str(Path(resume_from).resolve()) if resume_from else None),
         torch_config=TorchConfig(backend="nccl" if train_cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=run_name or default_run_name(preset_name),
+            name=run_name or tracking.default_run_name(preset_name),
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
@@ -193,28 +198,27 @@ def _save_run_state(storage: str, name: str, state: dict[str, Any]) -> None:
     path.write_text(json.dumps(state, indent=2) + "\n")
 
 
-def _check_resume_compatible(previous: dict[str, Any], vlm_cfg: VLMConfig, name: str) -> None:
-    old = previous.get("config", {}).get("vlm", {})
-    changed = sorted(k for k, v in vlm_cfg.to_dict().items() if k in old and old[k] != v)
-    if changed:
-        raise ConfigError(
-            f"Run {name!r} was started with a different model: {', '.join(f'{k}={old[k]!r}' for k in changed)}. "
-            "Resume it with the same model settings, or choose a new --run-name.")
-
-
 def run_training(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Optional[str] = None,
                  run_name: Optional[str] = None, tracking_uri: Optional[str] = None,
-                 track: bool = True, worker_env: Optional[dict[str, str]] = None) -> dict[str, Any]:
+                 track: bool = True, worker_env: Optional[dict[str, str]] = None,
+                 resume_from: Optional[str | Path] = None) -> dict[str, Any]:
     """Train on Ray Train and return a summary dict.
 
-    Order matters: configs, then the MLflow store, then the cluster's resources, and only then
-    workers. `run_name` of an existing run in the storage path resumes it from its latest
-    checkpoint (and keeps logging into its MLflow run)."""
+    Order matters: configs, the checkpoint to resume, then the MLflow store, then the cluster's
+    resources, and only then workers. `run_name` of an existing run in the storage path resumes
+    it from its latest checkpoint; `resume_from` (a training checkpoint or a run's output dir)
+    starts from that checkpoint. Either way the MLflow run it logged to continues."""
     import ray.train
 
-    vlm_cfg, train_cfg = prepare_configs(vlm_cfg, train_cfg)
+    vlm_cfg.validate()
+    train_cfg.validate()
+    check_device_settings(train_cfg)
+    train_cfg = absolute_output_dir(train_cfg)
+    checkpoint = checkpointing.resolve_checkpoint(resume_from).resolve() if resume_from is not None else None
+    if checkpoint is not None:
+        checkpointing.check_resumable(vlm_cfg, checkpoint)
     storage = resolve_storage_path(train_cfg.storage_path)
-    name = run_name or default_run_name(preset_name)
+    name = run_name or tracking.default_run_name(preset_name)
     uri = tracking.absolute_uri(tracking_uri or tracking.default_tracking_uri()) if track else None
     if uri is not None:
         tracking.check_tracking_store(uri)
@@ -225,25 +229,27 @@ def run_training(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Opt
     previous = _load_run_state(storage, name) if "://" not in storage else None
     resuming = previous is not None and can_resume(storage, name)
     if resuming:
-        _check_resume_compatible(previous, vlm_cfg, name)
+        checkpointing.check_same_model(vlm_cfg, previous.get("config", {}).get("vlm", {}),
+                                       source=f"Run {name!r} was started with",
+                                       fix="Resume it with the same model settings, or choose a new --run-name.")
         logger.info("Resuming run %r from %s", name, run_dir(storage, name))
     config = configs_to_dict(vlm_cfg, train_cfg)
     spec = None
     if uri is not None:
         run_id = previous.get("mlflow_run_id") if previous else None
-        if run_id is None:
-            device_type = "cuda" if train_cfg.use_gpu else "cpu"
-            tags = tracking.run_tags(config, preset=preset_name, world_size=train_cfg.num_workers,
-                                     device_type=device_type, extra={"ray_run_name": name, "ray_storage": storage})
-            run_id = tracking.create_run(config, uri=uri, experiment_name=train_cfg.experiment_name,
-                                         run_name=name, tags=tags)
+        if run_id is None and checkpoint is not None:
+            run_id = tracking.recorded_run_id(checkpoint, uri)
+        device_type = "cuda" if train_cfg.use_gpu else "cpu"
+        tags = tracking.run_tags(config, preset=preset_name, world_size=train_cfg.num_workers,
+                                 device_type=device_type, extra={"ray_run_name": name, "ray_storage": storage})
+        run_id = tracking.start_training_run(config, uri=uri, run_name=name, tags=tags, run_id=run_id)
         spec = {"uri": uri, "run_id": run_id, "experiment_name": train_cfg.experiment_name}
     if "://" not in storage:
         _save_run_state(storage, name, {"config": config, "preset": preset_name,
                                         "mlflow_run_id": spec and spec["run_id"], "tracking_uri": uri})
 
     trainer = build_trainer(vlm_cfg, train_cfg, run_name=name, preset_name=preset_name,
-                            tracking_spec=spec, storage_path=storage, worker_env=worker_env)
+                            tracking_spec=spec, storage_path=storage, worker_env=worker_env, resume_from=checkpoint)
     status = "FAILED"
     try:
         result = trainer.fit()

@@ -5,17 +5,23 @@
     {"vlm": {...}, "train": {...},                  # configs_to_dict(vlm, train)
      "run": {"preset": "tiny",                      # for MLflow tags
              "tracking": None | {"uri": ..., "experiment_name": ..., "run_id": ...,
-                                 "parent_run_id": ..., "run_name": ..., "tags": {...}}}}
+                                 "parent_run_id": ..., "run_name": ..., "tags": {...}},
+             "resume_from": None | "/abs/.../checkpoints/step_000500"}}
 
-`tracking.run_id` set: log into that run (the driver created it and will close it). Unset:
-rank 0 creates the run itself (a child of `parent_run_id` when given, e.g. a Tune trial) and
-closes it at the end; its id travels in the checkpoint metadata so a restarted worker group
-keeps logging into the same run. `tracking: None` turns MLflow off.
+The configs are validated here, where they enter the worker's process. `resume_from` is the
+checkpoint to start from unless Ray has one of this run (a restarted worker group resumes from
+Ray's latest checkpoint).
+
+MLflow is `MlflowHooks` on rank 0 (the same logging as a single-process run). `tracking.run_id`
+set: log into that run (the driver created it and will close it). Unset: rank 0 creates the run
+itself (a child of `parent_run_id` when given, e.g. a Tune trial) and closes it at the end; its
+id travels in the checkpoint's run record, so a restarted worker group keeps logging into the
+same run. `tracking: None` turns MLflow off.
 
 Reports: every `report_interval` steps, after every evaluation, and with every checkpoint.
 Every rank calls `ray.train.report` at the same steps (Train V2 uses it as a barrier); only
 rank 0 attaches the `Checkpoint` (the loop's step directory: model.safetensors, config.json,
-train_state.pt with optimizer/scheduler/RNG/data position).
+train_state.pt with optimizer/scheduler/RNG/data position, and the MLflow run record).
 
 A report waits until Train's controller has read the previous one (it polls each worker every
 RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so reports are made on a thread of their own, in order, and
@@ -42,12 +48,11 @@ import torch
 
 from nanovlm import tracking
 from nanovlm.config import TrainConfig, VLMConfig, configs_from_dict
-from nanovlm.training.hooks import TrainHooks
 from nanovlm.training.metrics import global_sum
+from nanovlm.training.tracked import MlflowHooks
 
 logger = logging.getLogger(__name__)
 
-MLFLOW_RUN_ID_KEY = "mlflow_run_id"  # in the Ray checkpoint's metadata
 # Fault injection for tests and drills: "RANK:STEP" makes that rank SIGKILL itself after STEP,
 # once per output_dir (a marker file there remembers it across the restart).
 KILL_ENV = "NANOVLM_KILL_RANK_AT_STEP"
@@ -64,7 +69,7 @@ def train_worker(config: dict[str, Any]) -> None:
     train_cfg.validate()
     hooks = RayTrainHooks(vlm_cfg, train_cfg, preset=run.get("preset"), tracking_spec=run.get("tracking"))
     try:
-        train(vlm_cfg, train_cfg, hooks=hooks)
+        train(vlm_cfg, train_cfg, hooks=hooks, resume_from=run.get("resume_from"), validate=False)
     except BaseException:
         hooks.close(status="FAILED")
         raise
@@ -78,8 +83,9 @@ def _quiet_ray_report_log() -> None:
     logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
 
 
-class RayTrainHooks(TrainHooks):
-    """TrainHooks for a Ray Train worker: device, DDP, resume checkpoint, reports, MLflow (rank 0)."""
+class RayTrainHooks(MlflowHooks):
+    """TrainHooks for a Ray Train worker: device, DDP, resume checkpoint, reports; MLflow on rank 0
+    through `MlflowHooks` (every rank calls them; the others have no run and log nothing)."""
 
     def __init__(self, vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset: Optional[str] = None,
                  tracking_spec: Optional[dict[str, Any]] = None):
@@ -90,16 +96,15 @@ class RayTrainHooks(TrainHooks):
         self.world_size = context.get_world_size()
         self.vlm_cfg, self.train_cfg = vlm_cfg, train_cfg
         self.preset = preset
-        self._spec = tracking_spec
-        self._mlflow: Optional[tracking.TrackingRun] = None
-        self._owns_mlflow_run = False
         self._pending: dict[str, float] = {}  # this step's metrics, waiting for the report
         self._download_dir: Optional[tempfile.TemporaryDirectory] = None
-        self._ray_checkpoint = ray.train.get_checkpoint()
+        self._ray_checkpoint_dir = self._local_checkpoint(ray.train.get_checkpoint())
         self._reporter = ReportThread()
         self.reports_skipped = 0
+        run, owns_run = None, False
         if self.rank == 0 and tracking_spec is not None:
-            self._start_mlflow()
+            run, owns_run = self._open_mlflow_run(tracking_spec)
+        super().__init__(run, train_cfg.output_dir, owns_run=owns_run)
 
     # ------------------------------------------------------------------ loop contract
 
@@ -116,18 +121,9 @@ class RayTrainHooks(TrainHooks):
 
     def resume_dir(self) -> Optional[Path]:
         """Ray's latest checkpoint: after a worker failure, or when a stopped run is resumed."""
-        checkpoint = self._ray_checkpoint
-        if checkpoint is None:
-            return None
-        import pyarrow.fs
-
-        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-            path = Path(checkpoint.path)
-        else:  # cloud storage: download once per worker
-            self._download_dir = tempfile.TemporaryDirectory(prefix="nanovlm-resume-")
-            path = Path(checkpoint.to_directory(self._download_dir.name))
-        logger.info("Rank %d resumes from Ray checkpoint %s", self.rank, path)
-        return path
+        if self._ray_checkpoint_dir is not None:
+            logger.info("Rank %d resumes from Ray checkpoint %s", self.rank, self._ray_checkpoint_dir)
+        return self._ray_checkpoint_dir
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         self._maybe_kill_self(step)
@@ -140,8 +136,7 @@ class RayTrainHooks(TrainHooks):
             metrics["loss"] = loss_sum / self.world_size
             reporter_busy = busy_ranks > 0
         self._pending = metrics
-        if self._mlflow is not None:
-            self._mlflow.log_metrics(metrics, step)
+        super().on_step(step, metrics)
         # An evaluation or a checkpoint follows at this step: report once, there.
         if self._is_eval_step(step) or self._is_checkpoint_step(step):
             return
@@ -152,8 +147,7 @@ class RayTrainHooks(TrainHooks):
                 self._report(step, self._pending)
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        if self._mlflow is not None:
-            self._mlflow.log_metrics(metrics, step)
+        super().on_eval(step, metrics)
         self._pending = {**self._pending, **metrics}
         if not self._is_checkpoint_step(step):
             self._report(step, self._pending)
@@ -161,11 +155,8 @@ class RayTrainHooks(TrainHooks):
     def on_checkpoint(self, step: int, checkpoint_dir: Optional[Path], metrics: dict[str, float]) -> None:
         from ray.train import Checkpoint
 
-        checkpoint = None
-        if checkpoint_dir is not None:  # rank 0
-            checkpoint = Checkpoint.from_directory(str(checkpoint_dir))
-            if self._mlflow is not None:
-                checkpoint.set_metadata({MLFLOW_RUN_ID_KEY: self._mlflow.run_id, "step": step})
+        super().on_checkpoint(step, checkpoint_dir, metrics)  # the run record, before Ray copies the directory
+        checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
         # Every rank waits: the checkpoint is persisted before the next step, as with a plain call.
         self._report(step, {**metrics, **self._pending}, checkpoint, wait=True)
 
@@ -175,26 +166,13 @@ class RayTrainHooks(TrainHooks):
         if self.reports_skipped:
             logger.info("Rank %d skipped %d metric-only reports (Ray had not read the previous one yet).",
                         self.rank, self.reports_skipped)
-        if self._mlflow is None:
-            return
-        output_dir = Path(self.train_cfg.output_dir)
-        final = summary.get("checkpoint")
-        if final:
-            self._mlflow.log_artifacts(final, "checkpoint")
-        if (output_dir / "summary.json").exists():
-            self._mlflow.log_artifact(output_dir / "summary.json")
-        self.close(status="FINISHED")
+        super().on_end(summary)  # artifacts, then close
 
     # ------------------------------------------------------------------ helpers
 
     def close(self, status: str) -> None:
         self._reporter.stop()
-        if self._mlflow is not None:
-            if self._owns_mlflow_run:
-                self._mlflow.end(status)
-            else:
-                self._mlflow.flush()
-            self._mlflow = None
+        super().close(status)
         if self._download_dir is not None:
             self._download_dir.cleanup()
             self._download_dir = None
@@ -230,13 +208,26 @@ class RayTrainHooks(TrainHooks):
         if wait:
             self._reporter.wait()
 
-    def _start_mlflow(self) -> None:
-        spec = self._spec or {}
+    def _local_checkpoint(self, checkpoint) -> Optional[Path]:
+        """Ray's checkpoint as a local directory (downloaded once from cloud storage), or None."""
+        if checkpoint is None:
+            return None
+        import pyarrow.fs
+
+        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+            return Path(checkpoint.path)
+        self._download_dir = tempfile.TemporaryDirectory(prefix="nanovlm-resume-")
+        return Path(checkpoint.to_directory(self._download_dir.name))
+
+    def _open_mlflow_run(self, spec: dict[str, Any]) -> tuple[Optional[tracking.TrackingRun], bool]:
+        """Rank 0's MLflow run and whether this worker owns it (created it, so ends it)."""
         uri = spec.get("uri") or tracking.default_tracking_uri()
         run_id = spec.get("run_id")
-        if run_id is None and self._ray_checkpoint is not None:
-            run_id = self._ray_checkpoint.get_metadata().get(MLFLOW_RUN_ID_KEY)
-            self._owns_mlflow_run = run_id is not None
+        owns_run = False
+        if run_id is None and self._ray_checkpoint_dir is not None:
+            # a restarted worker group: the run that rank 0 created before the failure
+            run_id = tracking.recorded_run_id(self._ray_checkpoint_dir, uri)
+            owns_run = run_id is not None
         if run_id is not None:
             # Open the store now: importing MLflow and opening it takes about a second, which
             # would otherwise stall training at the first flush. The driver checked the store from
@@ -246,22 +237,21 @@ class RayTrainHooks(TrainHooks):
             except tracking.TrackingError as exc:
                 logger.warning("Rank 0 cannot reach the MLflow store yet (metrics stay buffered and are "
                                "retried at each flush): %s", exc)
-        if run_id is None:
+        else:
             from nanovlm.config import configs_to_dict
 
             config = configs_to_dict(self.vlm_cfg, self.train_cfg)
-            device_type = self.device().type
             tags = tracking.run_tags(config, preset=self.preset, world_size=self.world_size,
-                                     device_type=device_type, extra=spec.get("tags"))
+                                     device_type=self.device().type, extra=spec.get("tags"))
             try:
                 run_id = tracking.create_run(config, uri=uri, experiment_name=spec.get("experiment_name"),
                                              run_name=spec.get("run_name"), tags=tags,
                                              parent_run_id=spec.get("parent_run_id"))
             except Exception as exc:  # noqa: BLE001 - the driver checked the store; do not kill training now
                 logger.warning("Could not create an MLflow run in %s (training continues untracked): %s", uri, exc)
-                return
-            self._owns_mlflow_run = True
-        self._mlflow = tracking.TrackingRun(run_id, uri, flush_every=self.train_cfg.log_interval)
+                return None, False
+            owns_run = True
+        return tracking.TrackingRun(run_id, uri, flush_every=self.train_cfg.log_interval), owns_run
 
 
 class ReportThread:

@@ -28,7 +28,7 @@ from ray.tune import Callback
 
 from nanovlm import tracking
 from nanovlm.config import ConfigError, apply_overrides, configs_to_dict
-from nanovlm.distributed.launcher import check_cluster_resources
+from nanovlm.distributed.launcher import check_cluster_resources, check_device_settings
 from nanovlm.sweep.results import TrialRecord, best_trial, write_results
 from nanovlm.sweep.space import SweepSpec, parse_space, trial_configs
 
@@ -107,6 +107,7 @@ def run_trial(config: dict[str, Any], *, spec: SweepSpec, sweep_dir: str, parent
     sampled = {name: config[name] for name in spec.space}
     try:
         vlm_cfg, train_cfg = trial_configs(spec, sampled)
+        check_device_settings(train_cfg)
     except ConfigError as exc:
         # Not a crash of the sweep: the controller's SweepTracker marks the trial invalid.
         ray.tune.report({"invalid": 1.0, "invalid_reason": str(exc)})
@@ -476,7 +477,7 @@ def _create_parent_run(spec: SweepSpec, sweep_dir: Path, uri: str, experiment_na
                                     "nanovlm.mode": spec.mode})
     client = tracking._client(uri)
     experiment_id = tracking.get_or_create_experiment(uri, experiment_name)
-    run = client.create_run(experiment_id, tags=tags, run_name=sweep_dir.name)
+    run = client.create_run(experiment_id, tags={**tracking.context_tags(), **tags}, run_name=sweep_dir.name)
     params = {"preset": spec.preset, "metric": spec.metric, "mode": spec.mode, "num_samples": spec.num_samples,
               "max_concurrent_trials": spec.max_concurrent_trials, "scheduler": spec.scheduler.type,
               **{f"space.{k}": d.describe() for k, d in spec.space.items()},

@@ -13,6 +13,7 @@ half-written `step_*` directory that `latest_checkpoint` could pick up.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nanovlm.config import TrainConfig
+from nanovlm.config import ConfigError, TrainConfig, VLMConfig
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +161,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
             f"checkpoints under {checkpoint_root(path)}. Pass output_dir/checkpoints/step_XXXXXX or the run's "
             "output directory.")
     return latest
+
+
+def check_same_model(vlm_cfg: VLMConfig, saved: dict[str, Any], *, source: str, fix: str) -> None:
+    """`ConfigError` naming each model field whose value differs from `saved` (a run's stored
+    `VLMConfig.to_dict()`): weights and optimizer state only fit the model they were trained as.
+
+    The message reads `{source} a different model: field=saved_value, .... {fix}`."""
+    changed = sorted(k for k, v in vlm_cfg.to_dict().items() if k in saved and saved[k] != v)
+    if changed:
+        raise ConfigError(f"{source} a different model: {', '.join(f'{k}={saved[k]!r}' for k in changed)}. {fix}")
+
+
+def check_resumable(vlm_cfg: VLMConfig, checkpoint_dir: str | Path) -> None:
+    """Refuse to resume `checkpoint_dir` with a model config other than its own."""
+    saved = json.loads((Path(checkpoint_dir) / "config.json").read_text())
+    check_same_model(vlm_cfg, saved, source=f"Checkpoint {checkpoint_dir} holds",
+                     fix="Resume with the checkpoint's model settings (drop the --set/--config values that change "
+                         "them), or start a new run without --resume.")
 
 
 def load_train_state(checkpoint_dir: str | Path) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from nanovlm.accel import apply_training_kernels, compile_for_training
-from nanovlm.config import TrainConfig, VLMConfig, configs_to_dict
+from nanovlm.config import ConfigError, TrainConfig, VLMConfig, configs_to_dict
 from nanovlm.training import checkpointing
 from nanovlm.training.evaluation import evaluate
 from nanovlm.training.hooks import TrainHooks
@@ -54,7 +54,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("TrainConfig.device='cuda' but no CUDA device is available; use device='auto' or 'cpu'.")
+        raise ConfigError("TrainConfig.device='cuda' but no CUDA device is available; use device='auto' or 'cpu'.")
     return torch.device(name)
 
 
@@ -165,20 +165,23 @@ def _progress_bar(total: int, initial: int, rank: int):
 # ---------------------------------------------------------------------------- the loop
 
 def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None = None,
-          resume_from: str | Path | None = None) -> dict[str, Any]:
+          resume_from: str | Path | None = None, *, validate: bool = True) -> dict[str, Any]:
     """Train and return the summary (also written to output_dir/summary.json on rank 0).
 
     resume_from: a training checkpoint (`.../checkpoints/step_XXXXXX`) or a run's output dir
     (its latest checkpoint). `hooks.resume_dir()`, when set, takes precedence (a restarted
     Ray worker). Raises NonFiniteLossError on a NaN/inf loss, leaving earlier checkpoints as
     they were.
+    validate: check both configs first (`ConfigError`). Callers that validated them where they
+    entered the process (the front doors, a Ray worker) pass False.
     """
     from nanovlm.data import VQACollator, build_datasets, get_tokenizer
 
     wall_start = time.perf_counter()
     hooks = hooks or TrainHooks()
-    vlm_cfg.validate()
-    train_cfg.validate()
+    if validate:
+        vlm_cfg.validate()
+        train_cfg.validate()
     rank, world_size = hooks.rank, hooks.world_size
     output_dir = Path(train_cfg.output_dir)
     device = hooks.device() or resolve_device(train_cfg.device)

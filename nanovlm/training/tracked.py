@@ -1,0 +1,106 @@
+"""Training tracked in MLflow: `MlflowHooks`, the MLflow part of every training run, and
+`train_tracked`, the single-process front door behind `nanovlm train`.
+
+A run is tracked the same way on both routes: the process that starts it checks the store,
+then creates the MLflow run (or, resuming, reopens the one the checkpoint's run record names);
+the loop's hooks log metrics by step, write the run record into each checkpoint, and log the
+final checkpoint and summary.json as artifacts. In one process `MlflowHooks` are the hooks; on
+Ray Train, `RayTrainHooks` extends them (rank 0 logs, the driver creates and closes the run).
+The loop itself (loop.py) knows nothing of MLflow.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from nanovlm import tracking
+from nanovlm.config import TrainConfig, VLMConfig, configs_to_dict
+from nanovlm.training import checkpointing
+from nanovlm.training.hooks import TrainHooks
+from nanovlm.training.loop import resolve_device, train
+
+logger = logging.getLogger(__name__)
+
+
+class MlflowHooks(TrainHooks):
+    """Log the loop's metrics into `run` by step, a run record into each checkpoint, and the final
+    checkpoint and `summary.json` as artifacts. `run` None logs nothing (an untracked run, or a
+    Ray rank other than 0). `owns_run`: end the run at the end (else its creator ends it)."""
+
+    def __init__(self, run: Optional[tracking.TrackingRun], output_dir: str | Path, *, owns_run: bool):
+        self.run = run
+        self.output_dir = Path(output_dir)
+        self.owns_run = owns_run
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        if self.run is not None:
+            self.run.log_metrics(metrics, step)
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        if self.run is not None:
+            self.run.log_metrics(metrics, step)
+
+    def on_checkpoint(self, step: int, checkpoint_dir: Path | None, metrics: dict[str, float]) -> None:
+        if self.run is not None and checkpoint_dir is not None:
+            tracking.write_run_record(checkpoint_dir, self.run.run_id, self.run.uri)
+
+    def on_end(self, summary: dict[str, Any]) -> None:
+        if self.run is not None:
+            if summary.get("checkpoint"):
+                self.run.log_artifacts(summary["checkpoint"], "checkpoint")
+            if (self.output_dir / "summary.json").exists():
+                self.run.log_artifact(self.output_dir / "summary.json")
+        self.close("FINISHED")
+
+    def close(self, status: str) -> None:
+        """Send what is buffered; end the run with `status` if this process owns it."""
+        if self.run is not None:
+            if self.owns_run:
+                self.run.end(status)
+            else:
+                self.run.flush()
+            self.run = None
+
+
+def train_tracked(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Optional[str] = None,
+                  run_name: Optional[str] = None, tracking_uri: Optional[str] = None, track: bool = True,
+                  resume_from: Optional[str | Path] = None) -> dict[str, Any]:
+    """Train in this process, tracked in MLflow; return the loop's summary plus `mlflow_run_id`
+    and `tracking_uri`.
+
+    Everything that can fail in a second fails before training: the configs (`ConfigError`), the
+    checkpoint to resume and its model (`FileNotFoundError`, `ConfigError`), the MLflow store
+    (`TrackingError`). `resume_from` (a run's output dir or a step dir) continues that checkpoint
+    in the MLflow run its run record names. `run_name`: the MLflow run's name (default
+    `<preset>-<date>-<time>`); `track=False` logs nothing to MLflow.
+    """
+    vlm_cfg.validate()
+    train_cfg.validate()
+    device = resolve_device(train_cfg.device)  # ConfigError now, not after the run was created
+    # Absolute, like a Ray run's: the summary, the params and the run record name one place.
+    train_cfg = train_cfg.replace(output_dir=str(Path(train_cfg.output_dir).expanduser().resolve()))
+    checkpoint = checkpointing.resolve_checkpoint(resume_from) if resume_from is not None else None
+    if checkpoint is not None:
+        checkpointing.check_resumable(vlm_cfg, checkpoint)
+
+    run, uri = None, None
+    if track:
+        uri = tracking.check_tracking_store(tracking.absolute_uri(tracking_uri or tracking.default_tracking_uri()))
+        config = configs_to_dict(vlm_cfg, train_cfg)
+        tags = tracking.run_tags(config, preset=preset_name, world_size=1, device_type=device.type)
+        run_id = tracking.start_training_run(
+            config, uri=uri, run_name=run_name or tracking.default_run_name(preset_name), tags=tags,
+            run_id=tracking.recorded_run_id(checkpoint, uri) if checkpoint is not None else None)
+        run = tracking.TrackingRun(run_id, uri, flush_every=train_cfg.log_interval)
+    hooks = MlflowHooks(run, train_cfg.output_dir, owns_run=True)
+    try:
+        summary = train(vlm_cfg, train_cfg, hooks=hooks, resume_from=checkpoint, validate=False)
+    except KeyboardInterrupt:
+        hooks.close("KILLED")
+        raise
+    except BaseException:
+        hooks.close("FAILED")
+        raise
+    return {**summary, "mlflow_run_id": run and run.run_id, "tracking_uri": uri}
