@@ -17,7 +17,7 @@ SUBCOMMANDS = {
     "config": "print a preset's full config, with overrides applied",
     "validate": "check a config and print parameter counts and FLOPs without building weights",
     "sweep": "run a Ray Tune sweep described by a YAML file",
-    "bench": "run a benchmark grid described by a YAML file",
+    "bench": "run a benchmark: compare with transformers, the GPU check, or a benchmark grid",
     "dashboard": "start the MLflow UI on 127.0.0.1 over the default store",
 }
 
