@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--compile", action="store_true",
                         help="decode with a compiled step: on CPU the fused C++ step (built once per machine, "
-                             "~25 s; measured 1.5-3.4x the eager tokens/s on CPU), on GPU torch.compile with "
+                             "~25 s; needs the cpu-fast extra, else torch.compile), on GPU torch.compile with "
                              "CUDA graphs")
 
 

@@ -37,8 +37,8 @@ class ViTPatchEmbeddings(nn.Module):
             raise ValueError(f"images are [{B}, {C}, {H}, {W}]; this ViT takes [batch, 3, {size}, {size}] "
                              f"(vit_img_size={size}). Resize them with the model's image processor.")
         # The stride-p convolution as one matmul over flattened patches: the same sums (patch
-        # pixels in the conv weight's (channel, row, column) order), measured 1.5-2x faster
-        # than the convolution forward and backward on CPU.
+        # pixels in the conv weight's (channel, row, column) order), and faster than the
+        # convolution forward and backward on CPU.
         n = size // p
         patches = images.reshape(B, C, n, p, n, p).permute(0, 2, 4, 1, 3, 5).reshape(B, n * n, C * p * p)
         x = F.linear(patches, self.conv.weight.reshape(self.conv.out_channels, -1), self.conv.bias)  # [B, N, D]

@@ -73,10 +73,9 @@ def malloc_environment() -> dict[str, str]:
 
 def keep_freed_memory() -> bool:
     """Tell glibc's malloc to keep the memory a training step frees for the next step instead
-    of handing it back to the system, which the next step then faults in again page by page:
-    measured on the 27M `compare` config's compiled CPU step (the same settings given as
-    MALLOC_* variables), 3-15k page faults per step before, ~25 after, 360 -> 341 ms a step.
-    The process keeps its peak heap. Skipped (False) where the environment gives allocator
+    of handing it back to the system, which the next step then faults in again page by page
+    (thousands of page faults per step of the 27M `compare` config on CPU; about 5% of its
+    step time). The process keeps its peak heap. Skipped (False) where the environment gives allocator
     settings (`malloc_environment`), or malloc is not glibc's."""
     if malloc_environment():
         return False

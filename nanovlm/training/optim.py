@@ -82,8 +82,8 @@ def build_optimizer(model: torch.nn.Module, train_cfg: TrainConfig) -> torch.opt
 def adamw(params, **kwargs) -> torch.optim.AdamW:
     """AdamW with torch's fused kernel (one kernel for all parameters) where the parameters'
     device has one (CPU and CUDA), else the default implementation. The same arithmetic: on
-    CPU the default is a per-parameter Python loop, and fused made the optimizer step ~3x faster
-    (33 vs 104 ms per step on the compare's 27M config). HF's Trainer defaults to it too."""
+    CPU the default is a per-parameter Python loop, about 3x slower (benchmarks/records/
+    2026-11-27-compare-cpu.md). HF's Trainer defaults to fused too."""
     groups = list(params)
     tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
     devices = {p.device.type for p in tensors}
