@@ -207,6 +207,21 @@ def test_generate_command_prints_the_greedy_answer(tmp_path, capsys):
         assert capsys.readouterr().out.strip() == expected
 
 
+def test_generate_command_takes_a_training_run_directory_as_its_latest_checkpoint(tmp_path):
+    from nanovlm.commands.generate import _model_directory
+    from nanovlm.training.checkpointing import TRAIN_STATE_FILE
+
+    run = tmp_path / "run"
+    for step in (500, 1000):
+        (run / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
+        (run / "checkpoints" / f"step_{step:06d}" / TRAIN_STATE_FILE).touch()
+    assert _model_directory(str(run)) == str(run / "checkpoints" / "step_001000")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    assert _model_directory(str(tmp_path / "model")) == str(tmp_path / "model")   # a model directory as given
+    assert _model_directory("owner/name") == "owner/name"                          # a Hub repo id as given
+
+
 def test_generate_command_reports_a_missing_image(tmp_path, capsys):
     from nanovlm.cli import main
 

@@ -3,8 +3,8 @@
     nanovlm generate --checkpoint runs/tiny/checkpoints/step_001500 --image photo.png \\
         --prompt "What colour is the shape?" [--max-new-tokens 32] [--greedy] [--compile]
 
-The checkpoint is a directory written by `save_pretrained` (or a training checkpoint, or a
-Hub repo id). The prompt is built as in training: the chat template, one user turn that opens
+The checkpoint is a directory written by `save_pretrained`, a training checkpoint, a training
+run's output directory (its latest checkpoint), or a Hub repo id. The prompt is built as in training: the chat template, one user turn that opens
 with `mp_image_token_length` image placeholders. Prints the answer on stdout.
 """
 
@@ -22,7 +22,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
-                        help="model directory (config.json + model.safetensors) or Hub repo id")
+                        help="model directory (config.json + model.safetensors), a training run's output "
+                             "directory (its latest checkpoint), or a Hub repo id")
     parser.add_argument("--image", required=True, action="append",
                         help="image file (repeat for several images; all go before the prompt)")
     parser.add_argument("--prompt", required=True, help="the question")
@@ -67,6 +68,7 @@ def answer(checkpoint: str, images: list[str] | str, prompt: str, max_new_tokens
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
 
+    checkpoint = _model_directory(checkpoint)
     model = VisionLanguageModel.from_pretrained(checkpoint).to(device).eval()
     cfg = model.cfg
     tok = get_tokenizer(_tokenizer_source(checkpoint, cfg.lm_tokenizer, tokenizer), cfg.vlm_extra_tokens,
@@ -89,6 +91,15 @@ def answer(checkpoint: str, images: list[str] | str, prompt: str, max_new_tokens
     if stop is not None and stop in out:
         out = out[:out.index(stop)]
     return tok.decode(out, skip_special_tokens=True).strip()
+
+
+def _model_directory(checkpoint: str) -> str:
+    """A training run's output directory stands for its latest checkpoint; anything else (a model
+    directory, a Hub repo id) is passed on as given."""
+    from nanovlm.training.checkpointing import latest_checkpoint
+
+    latest = latest_checkpoint(checkpoint) if Path(checkpoint).is_dir() else None
+    return str(latest) if latest is not None and not (Path(checkpoint) / "config.json").is_file() else checkpoint
 
 
 def _tokenizer_source(checkpoint: str, configured: str, override: str | None) -> str:
