@@ -58,7 +58,7 @@ def test_dashboard_opens_on_the_runs_of_the_experiment(tmp_path):
     assert landing_page(uri, address, "dash-runs") == f"Open {address} (experiment 'dash-runs' has no runs yet)."
     client = tracking._client(uri)
     experiment_id = client.create_experiment("dash-runs")  # made before experiments were tagged
-    assert landing_page(uri, address, "dash-runs").endswith(f"{address}/#/experiments/{experiment_id}/runs")
+    assert landing_page(uri, address, "dash-runs").endswith(f"{address}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
     assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
 

@@ -4,8 +4,9 @@
     nanovlm dashboard --port 5001 --experiment sweep-test
 
 Runs `mlflow server` in the foreground until Ctrl-C, and prints the address of the experiment's
-runs (`/#/experiments/<id>/runs`; the experiment is tagged as model training, so MLflow's UI
-shows its runs rather than its GenAI overview). Loopback only: to reach it from another
+runs (`/#/experiments/<id>/runs?workflowType=machine_learning`: the experiment is tagged as
+model training, and the query switches MLflow's sidebar from its GenAI default to "Model
+training", so the browser opens on the runs rather than the GenAI overview). Loopback only: to reach it from another
 machine, forward the port (`ssh -L 5000:127.0.0.1:5000 host`) rather than opening it.
 """
 
@@ -87,7 +88,8 @@ def landing_page(uri: str, address: str, experiment_name: str) -> str:
     if experiment is None:
         return f"Open {address} (experiment {experiment_name!r} has no runs yet)."
     experiment_id = tracking.get_or_create_experiment(uri, experiment_name)
-    return f"Runs of experiment {experiment_name!r}: {address}/#/experiments/{experiment_id}/runs"
+    return (f"Runs of experiment {experiment_name!r}: "
+            f"{address}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
 
 
 def _interrupt(signum, frame) -> None:
