@@ -276,6 +276,7 @@ def idefics3_config(directory: Path, origin: str) -> tuple[VLMConfig, bool]:
         mp_pixel_shuffle_factor=hf.scale_factor, mp_image_token_length=(grid // hf.scale_factor) ** 2,
         # The checkpoint's tokenizer already holds its image token; the id comes from its config.
         vlm_extra_tokens={"image_token": "<image>"}, vlm_image_token_id=hf.image_token_id,
+        vit_img_mean=0.5, vit_img_std=0.5,   # Idefics3's processor normalises to [-1, 1]
         vlm_load_backbone_weights=False, hf_repo_name=Path(str(origin)).name,
     )
     return cfg, tied
