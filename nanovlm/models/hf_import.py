@@ -174,6 +174,8 @@ def configure_from_backbones(cfg: VLMConfig) -> VLMConfig:
     grid = vision.image_size // vision.patch_size
     if grid % cfg.mp_pixel_shuffle_factor == 0:
         changes["mp_image_token_length"] = (grid // cfg.mp_pixel_shuffle_factor) ** 2
+    if cfg.max_img_size == cfg.vit_img_size:   # no splitting: images stay one tile of the backbone's size
+        changes["max_img_size"] = vision.image_size
     for name, value in changes.items():
         if getattr(cfg, name) != value:
             logger.info("%s=%r from the backbone checkpoints (config had %r)", name, value, getattr(cfg, name))
