@@ -227,3 +227,16 @@ def test_the_benchmark_batch_uses_the_same_pipeline(splitting_cfg):
     got = [i for i in batch.input_ids[0, :-5].tolist() if i in special]
     assert got == expected                                          # the same special tokens, in order
     VisionLanguageModel(vlm)(batch.input_ids, batch.images, targets=batch.targets)
+
+
+def test_training_and_evaluation_run_on_split_images(tmp_path):
+    from nanovlm.training import train
+    from training_configs import tiny_configs
+
+    vlm, train_cfg = tiny_configs(tmp_path, max_img_size=64, resize_to_max_side_len=True,
+                                  vlm_extra_tokens=nanovlm_extra_tokens(), max_training_steps=2, eval_interval=2)
+    assert vlm.lm_vocab_size == 512 + 66
+    summary = train(vlm, train_cfg)
+    assert summary["steps_this_run"] == 2 and 0 <= summary["val_accuracy"] <= 1
+    # each 32 px shapes image became 2x2 tiles of 32 px and a global view
+    assert summary["images_per_second"] / summary["samples_per_second"] == pytest.approx(5)
