@@ -109,8 +109,8 @@ class VLMConfig(_Serialised):
     # into vit_img_size tiles: splitting is on when max_img_size > vit_img_size.
     max_img_size: Optional[int] = None   # None -> vit_img_size (one tile per image, no splitting)
     resize_to_max_side_len: bool = False # True: the long side always becomes max_img_size (up-scaling too)
-    vit_img_mean: float = 0.0            # pixels fed to the ViT: (x / 255 - mean) / std, every channel;
-    vit_img_std: float = 1.0             # nanoVLM's processor gives [0, 1] (0, 1); SigLIP's own is (0.5, 0.5)
+    vit_img_mean: float = 0.0            # pixels fed to the ViT: (x / 255 - mean) / std, every channel.
+    vit_img_std: float = 1.0             # 0 / 1: nanoVLM's [0, 1]; 0.5 / 0.5: SigLIP's own [-1, 1]
 
     # --- the joined model ---
     vlm_extra_tokens: dict[str, str] = field(default_factory=lambda: {"image_token": "<|image|>"})
