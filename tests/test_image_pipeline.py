@@ -240,3 +240,12 @@ def test_training_and_evaluation_run_on_split_images(tmp_path):
     assert summary["steps_this_run"] == 2 and 0 <= summary["val_accuracy"] <= 1
     # each 32 px shapes image became 2x2 tiles of 32 px and a global view
     assert summary["images_per_second"] / summary["samples_per_second"] == pytest.approx(5)
+
+
+def test_image_tokens_in_the_text_are_removed(splitting_cfg):
+    vlm, _ = splitting_cfg
+    tokenizer = get_tokenizer(vlm.lm_tokenizer, vlm.vlm_extra_tokens, vlm.lm_chat_template)
+    rows = [{"images": [Image.new("RGB", (20, 20))], "texts": [{"user": "<|image|>What?", "assistant": "a <|image|>"},
+                                                               {"user": "And <|image|>?", "assistant": "b"}]}]
+    item = VQADataset(rows, tokenizer, None, vlm)[0]
+    assert int((item["input_ids"] == vlm.image_token_id).sum()) == vlm.mp_image_token_length   # one tile

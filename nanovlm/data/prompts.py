@@ -65,20 +65,25 @@ class ConversationEncoder:
     def prompt_ids(self, user: str, grids: Sequence[Grid]) -> tuple[int, ...]:
         """Ids of a one-turn prompt about images of `grids`, ready for generation: what
         `nanovlm generate` feeds the model (a prefix of the training ids of the same turn)."""
-        messages = [{"role": "user", "content": self._opening(user, tuple(grids))}]
+        messages = [{"role": "user", "content": self._opening(self._plain(user), tuple(grids))}]
         return tuple(self._ids(self._render(messages, add_generation_prompt=True)))
 
     def _opening(self, user: str, grids: tuple[Grid, ...]) -> str:
-        """The first user turn: the image string, then the text (with no image token of its own)."""
-        if self.tokenizer.image_token in user:
-            logger.warning("Removed image tokens %r found in the text of a user turn.", self.tokenizer.image_token)
-            user = user.replace(self.tokenizer.image_token, "")
+        """The first user turn: the image string, then the text."""
         return get_image_string(self.tokenizer, grids, self.image_token_length) + user
+
+    def _plain(self, text: str) -> str:
+        """`text` without image tokens: only the image string may hold them."""
+        if self.tokenizer.image_token in text:
+            logger.warning("Removed image tokens %r found in the text of a turn.", self.tokenizer.image_token)
+            text = text.replace(self.tokenizer.image_token, "")
+        return text
 
     def _encode(self, turns: tuple[tuple[str, str], ...], grids: tuple[Grid, ...]) -> EncodedConversation:
         """`turns`: ((user, assistant), ...), at least one; the images of `grids` open the first turn."""
         if not turns:
             raise ValueError("A conversation needs at least one (user, assistant) turn.")
+        turns = tuple((self._plain(user), self._plain(assistant)) for user, assistant in turns)
         messages: list[dict] = []
         input_ids: list[int] = []
         labels: list[int] = []
