@@ -184,7 +184,8 @@ def splitting_cfg():
 
 
 def _rows():
-    wide, tall, small = Image.new("RGB", (90, 40), (200, 0, 0)), Image.new("RGB", (30, 70), (0, 0, 200)), Image.new("RGB", (20, 20))
+    wide, tall, small = Image.new("RGB", (90, 40), (200, 0, 0)), Image.new("RGB", (30, 70), (0, 0, 200)), Image.new(
+        "RGB", (20, 20))
     return [{"images": [wide, tall], "texts": [{"user": "Which is red?", "assistant": "the first"}]},
             {"images": [small], "texts": [{"user": "What is it?", "assistant": "dark"}]},
             {"images": [small, small, small], "texts": [{"user": "Too many?", "assistant": "yes"}]}]
@@ -221,7 +222,7 @@ def test_the_benchmark_batch_uses_the_same_pipeline(splitting_cfg):
     batch = synthetic_batch(vlm, batch_size=2, text_tokens=5, n_images=2, image_size=(40, 90))
     assert batch.n_tiles == 2 * (1 + 2) and batch.images.shape == (2 * 6, 3, 48, 48)
     tokenizer = get_tokenizer(vlm.lm_tokenizer, vlm.vlm_extra_tokens, vlm.lm_chat_template)
-    special = set(tokenizer.all_special_ids) | {tokenizer.convert_tokens_to_ids(t) for t in vlm.vlm_extra_tokens.values()}
+    special = set(tokenizer.all_special_ids) | set(tokenizer.convert_tokens_to_ids(list(vlm.vlm_extra_tokens.values())))
     string = get_image_string(tokenizer, [(1, 2), (1, 2)], vlm.mp_image_token_length)
     expected = [i for i in tokenizer(string, add_special_tokens=False)["input_ids"] if i in special]
     got = [i for i in batch.input_ids[0, :-5].tolist() if i in special]

@@ -8,5 +8,6 @@ from nanovlm.data.shapes import QUESTION_TYPES, ShapesRows, chance_per_type, sha
 
 __all__ = [
     "QUESTION_TYPES", "ShapesRows", "VQACollator", "VQADataset", "build_datasets", "chance_per_type",
-    "get_image_processor", "get_image_string", "get_tokenizer", "image_processor_for", "load_rows", "normalize_answer", "shapes_dataset",
+    "get_image_processor", "get_image_string", "get_tokenizer", "image_processor_for", "load_rows",
+    "normalize_answer", "shapes_dataset",
 ]
