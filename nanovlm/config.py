@@ -29,8 +29,6 @@ CHATML_TEMPLATE = (
 # the architecture we build. Loading a checkpoint ignores them with a warning.
 LEGACY_HARMLESS_FIELDS = frozenset({
     "lm_eos_token_id",          # the EOS id now comes from the tokenizer
-    "max_img_size",             # image splitting (newer nanoVLM); we resize to vit_img_size
-    "resize_to_max_side_len",   # same
     "lm_use_tokens",            # we always return vocabulary logits
     "mp_use_cls",
     "vit_architecture",
@@ -106,6 +104,14 @@ class VLMConfig(_Serialised):
     mp_pixel_shuffle_factor: int = 2
     mp_image_token_length: int = 49   # (vit_img_size / vit_patch_size / mp_pixel_shuffle_factor) ** 2
 
+    # --- the image pipeline (docs/data.md); nanoVLM's names. Images are resized so that both
+    # sides are multiples of vit_img_size and the long side is at most max_img_size, then cut
+    # into vit_img_size tiles: splitting is on when max_img_size > vit_img_size.
+    max_img_size: Optional[int] = None   # None -> vit_img_size (one tile per image, no splitting)
+    resize_to_max_side_len: bool = False # True: the long side always becomes max_img_size (up-scaling too)
+    vit_img_mean: float = 0.0            # pixels fed to the ViT: (x / 255 - mean) / std, every channel.
+    vit_img_std: float = 1.0             # 0 / 1: nanoVLM's [0, 1]; 0.5 / 0.5: SigLIP's own [-1, 1]
+
     # --- the joined model ---
     vlm_extra_tokens: dict[str, str] = field(default_factory=lambda: {"image_token": "<|image|>"})
     vlm_image_token_id: Optional[int] = None  # None -> lm_base_vocab_size + position of 'image_token'
@@ -113,7 +119,21 @@ class VLMConfig(_Serialised):
     vlm_checkpoint_path: str = "checkpoints/nanoVLM-222M"
     hf_repo_name: str = "nanoVLM-222M"
 
+    def __post_init__(self) -> None:
+        if self.max_img_size is None:
+            self.max_img_size = self.vit_img_size
+
     # ---------------------------------------------------------------- derived sizes
+    @property
+    def splits_images(self) -> bool:
+        """Whether images are cut into several vit_img_size tiles (nanoVLM's image splitting)."""
+        return self.max_img_size > self.vit_img_size
+
+    @property
+    def max_grid_side(self) -> int:
+        """The most tiles along one side of an image: max_img_size / vit_img_size."""
+        return self.max_img_size // self.vit_img_size
+
     @property
     def vit_grid_size(self) -> int:
         """Patches per image side."""
@@ -153,7 +173,7 @@ class VLMConfig(_Serialised):
             "vit_n_blocks", "lm_hidden_dim", "lm_inter_dim", "lm_n_heads", "lm_n_kv_heads",
             "lm_n_blocks", "lm_base_vocab_size", "lm_vocab_size", "lm_max_length",
             "lm_max_position_embeddings", "mp_pixel_shuffle_factor", "mp_image_token_length",
-            "vit_ln_eps", "lm_rms_eps", "lm_re_base", "lm_attn_scaling",
+            "vit_ln_eps", "lm_rms_eps", "lm_re_base", "lm_attn_scaling", "max_img_size", "vit_img_std",
         ]
         for name in positive:
             value = getattr(self, name)
@@ -206,13 +226,18 @@ class VLMConfig(_Serialised):
         if "image_token" not in self.vlm_extra_tokens:
             errors.append("vlm_extra_tokens has no 'image_token' entry; add e.g. "
                           "{'image_token': '<|image|>'}.")
+        errors += self._image_split_errors()
         if self.vlm_image_token_id is not None and not 0 <= self.vlm_image_token_id < self.lm_vocab_size:
             errors.append(f"vlm_image_token_id={self.vlm_image_token_id} is outside the vocabulary "
                           f"[0, lm_vocab_size={self.lm_vocab_size}).")
-        if self.mp_image_token_length + 1 > self.lm_max_length:
+        largest_image = self.mp_image_token_length
+        if self.splits_images:  # a full grid, its global view, one row/column token per tile
+            largest_image = (self.max_grid_side ** 2 + 1) * (self.mp_image_token_length + 1)
+        if largest_image + 1 > self.lm_max_length:
             errors.append(
-                f"lm_max_length={self.lm_max_length} cannot hold one image "
-                f"(mp_image_token_length={self.mp_image_token_length}) and a token; raise lm_max_length.")
+                f"lm_max_length={self.lm_max_length} cannot hold one image (mp_image_token_length="
+                f"{self.mp_image_token_length}, max_img_size={self.max_img_size}: up to {largest_image} "
+                "tokens) and a token; raise lm_max_length.")
         if self.lm_max_length > self.lm_max_position_embeddings:
             errors.append(
                 f"lm_max_length={self.lm_max_length} exceeds lm_max_position_embeddings="
@@ -220,6 +245,40 @@ class VLMConfig(_Serialised):
         if errors:
             raise ConfigError("Invalid VLMConfig:\n  " + "\n  ".join(errors))
         return self
+
+    def _image_split_errors(self) -> list[str]:
+        if self.max_img_size <= 0 or self.vit_img_size <= 0:
+            return []  # reported as non-positive sizes
+        if self.max_img_size < self.vit_img_size or self.max_img_size % self.vit_img_size:
+            return [f"max_img_size={self.max_img_size} must be a multiple of vit_img_size={self.vit_img_size} "
+                    f"(equal to it: one tile per image; e.g. {4 * self.vit_img_size}: up to 4x4 tiles)."]
+        if not self.splits_images:
+            return []
+        side = self.max_grid_side
+        missing = [name for name in image_split_tokens(side)  # the global token is optional (older nanoVLM)
+                   if name != "global_image_token" and name not in self.vlm_extra_tokens]
+        if missing:
+            shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+            return [f"max_img_size={self.max_img_size} cuts images into up to {side}x{side} tiles of "
+                    f"vit_img_size={self.vit_img_size}, but vlm_extra_tokens lacks {shown}; add "
+                    f"nanovlm.config.image_split_tokens({side}) (nanoVLM has global_image_token and r1c1..r8c8)."]
+        return []
+
+
+def image_split_tokens(max_grid_side: int = 8) -> dict[str, str]:
+    """nanoVLM's special tokens for split images: the global view's token and one per tile
+    position, `r{i}c{j}` -> `<row_i_col_j>` (1-based, i, j <= max_grid_side)."""
+    tokens = {"global_image_token": "<|global_image|>"}
+    for i in range(1, max_grid_side + 1):
+        for j in range(1, max_grid_side + 1):
+            tokens[f"r{i}c{j}"] = f"<row_{i}_col_{j}>"
+    return tokens
+
+
+def nanovlm_extra_tokens() -> dict[str, str]:
+    """`vlm_extra_tokens` of the current nanoVLM: the image token, the global view's token and
+    the `r{i}c{j}` tokens of grids up to 8x8 (66 tokens, in nanoVLM's order)."""
+    return {"image_token": "<|image|>", **image_split_tokens(8)}
 
 
 @dataclass
@@ -252,6 +311,7 @@ class TrainConfig(_Serialised):
     shapes_train_size: int = 100000
     shapes_eval_size: int = 512
     shapes_seed: int = 1234
+    max_images_per_example: int = 4       # rows with more images are skipped (and counted)
     tokenizer_path: Optional[str] = None  # overrides VLMConfig.lm_tokenizer (e.g. a locally trained one)
     dataloader_workers: int = 0
 
@@ -280,7 +340,7 @@ class TrainConfig(_Serialised):
         errors: list[str] = []
         for name in ("batch_size", "gradient_accumulation_steps", "max_training_steps", "eval_interval",
                      "eval_samples", "log_interval", "checkpoint_interval", "num_workers",
-                     "report_interval", "checkpoints_to_keep", "shapes_max_objects",
+                     "report_interval", "checkpoints_to_keep", "shapes_max_objects", "max_images_per_example",
                      "shapes_train_size", "shapes_eval_size", "max_new_tokens_eval"):
             if getattr(self, name) <= 0:
                 errors.append(f"{name}={getattr(self, name)} must be positive.")
@@ -309,7 +369,8 @@ class TrainConfig(_Serialised):
 # ==================================================================== presets
 
 def _tiny() -> tuple[VLMConfig, TrainConfig]:
-    # ~1.35M parameters: 48 px images, 6x6 patch grid, 9 image tokens. The demo settings:
+    # ~1.35M parameters: 48 px images (one tile, no splitting, pixels in [-1, 1]), 6x6 patch
+    # grid, 9 image tokens. The demo settings:
     # colour and shape questions about one object, 3000 steps of batch 32 at lr 7e-4 (~8
     # steps/s on 2 idle CPU cores, so ~6-7 min). Measured (benchmarks/learn_shapes.py): colour
     # is learned in ~200 steps, shape later; 48 px learns shape fastest per second (at 32 px the
@@ -322,7 +383,7 @@ def _tiny() -> tuple[VLMConfig, TrainConfig]:
         lm_hidden_dim=128, lm_inter_dim=384, lm_n_heads=4, lm_n_kv_heads=2, lm_n_blocks=3,
         lm_base_vocab_size=512, extra_token_amount=1, lm_vocab_size=513, lm_max_length=128,
         lm_max_position_embeddings=512, lm_re_base=10000, lm_model_type="", lm_tokenizer="shapes-bpe-512",
-        mp_pixel_shuffle_factor=2, mp_image_token_length=9,
+        mp_pixel_shuffle_factor=2, mp_image_token_length=9, vit_img_mean=0.5, vit_img_std=0.5,
         vlm_load_backbone_weights=False, vlm_checkpoint_path="checkpoints/nanoVLM-tiny",
         hf_repo_name="nanoVLM-tiny",
     )
@@ -340,11 +401,16 @@ def _nanovlm_222m() -> tuple[VLMConfig, TrainConfig]:
 
 
 def _nanovlm_460m() -> tuple[VLMConfig, TrainConfig]:
+    # The current nanoVLM defaults: SigLIP2-B/16-512 and SmolLM2-360M-Instruct, images split into
+    # up to 4x4 tiles of 512 px (long side resized to 2048) plus a global view, 64 tokens a tile.
+    tokens = nanovlm_extra_tokens()
     vlm = VLMConfig(
         vit_img_size=512, vit_model_type="google/siglip2-base-patch16-512",
         lm_hidden_dim=960, lm_inter_dim=2560, lm_n_heads=15, lm_n_kv_heads=5, lm_n_blocks=32,
         lm_model_type="HuggingFaceTB/SmolLM2-360M-Instruct", lm_tokenizer="HuggingFaceTB/SmolLM2-360M-Instruct",
-        lm_max_length=2048, mp_pixel_shuffle_factor=4, mp_image_token_length=64,
+        lm_max_length=4096, mp_pixel_shuffle_factor=4, mp_image_token_length=64,
+        max_img_size=2048, resize_to_max_side_len=True,
+        vlm_extra_tokens=tokens, extra_token_amount=len(tokens), lm_vocab_size=49152 + len(tokens),
         vlm_checkpoint_path="checkpoints/nanoVLM-460M", hf_repo_name="nanoVLM-460M",
     )
     return vlm, TrainConfig()
@@ -411,8 +477,10 @@ def apply_overrides(vlm: VLMConfig, train: TrainConfig,
     """Return new configs with `overrides` (strings `field=value` or a dict) applied.
 
     Derived sizes follow their inputs unless overridden themselves: changing the image size,
-    patch size or shuffle factor recomputes `mp_image_token_length`; changing the base vocab
-    or `extra_token_amount` recomputes `lm_vocab_size` (when it was exactly their sum).
+    patch size or shuffle factor recomputes `mp_image_token_length`; changing `vit_img_size`
+    moves `max_img_size` with it when it was equal (no splitting); changing `vlm_extra_tokens`
+    recomputes `extra_token_amount` (when it was their number); changing the base vocab or
+    `extra_token_amount` recomputes `lm_vocab_size` (when it was exactly their sum).
     """
     values = parse_overrides(overrides)
     vlm_changes = {k: v for k, v in values.items() if owner_of(k) is VLMConfig}
@@ -422,7 +490,12 @@ def apply_overrides(vlm: VLMConfig, train: TrainConfig,
     if image_inputs & vlm_changes.keys() and "mp_image_token_length" not in vlm_changes:
         if _safe_token_length(new_vlm) is not None and vlm.mp_image_token_length == _safe_token_length(vlm):
             new_vlm.mp_image_token_length = _safe_token_length(new_vlm)
-    vocab_inputs = {"lm_base_vocab_size", "extra_token_amount"}
+    if "vit_img_size" in vlm_changes and "max_img_size" not in vlm_changes and vlm.max_img_size == vlm.vit_img_size:
+        new_vlm.max_img_size = new_vlm.vit_img_size
+    if ("vlm_extra_tokens" in vlm_changes and "extra_token_amount" not in vlm_changes
+            and vlm.extra_token_amount == len(vlm.vlm_extra_tokens)):
+        new_vlm.extra_token_amount = len(new_vlm.vlm_extra_tokens)
+    vocab_inputs = {"lm_base_vocab_size", "extra_token_amount", "vlm_extra_tokens"}
     if vocab_inputs & vlm_changes.keys() and "lm_vocab_size" not in vlm_changes:
         if vlm.lm_vocab_size == vlm.lm_base_vocab_size + vlm.extra_token_amount:
             new_vlm.lm_vocab_size = new_vlm.lm_base_vocab_size + new_vlm.extra_token_amount
@@ -502,6 +575,10 @@ def _from_dict(cls: type, data: dict[str, Any], *, strict: bool) -> Any:
         raise ConfigError(f"{cls.__name__} must be built from a dict, got {type(data).__name__}.")
     fields = _FIELDS[cls]
     kwargs: dict[str, Any] = {}
+    if cls is VLMConfig and "vlm_image_token_id" in data and "vit_img_mean" not in data and "vit_img_std" not in data:
+        # Written by nanovlm-ray before the image pipeline followed nanoVLM: its processor fed
+        # SigLIP's (x - 0.5) / 0.5. nanoVLM's own config.json never has vlm_image_token_id.
+        kwargs.update(vit_img_mean=0.5, vit_img_std=0.5)
     for name, value in data.items():
         if name not in fields:
             if not strict and name in LEGACY_HARMLESS_FIELDS:

@@ -61,7 +61,7 @@ def test_published_nanovlm_checkpoint_with_one_tied_tensor_and_legacy_fields_loa
     del state[dropped]
     save_file(state, tmp_path / "model.safetensors")
     config = model.cfg.to_dict()
-    config.update(lm_use_tokens=False, lm_eos_token_id=0, max_img_size=1024, resize_to_max_side_len=False)
+    config.update(lm_use_tokens=False, lm_eos_token_id=0, max_img_size=config["vit_img_size"], resize_to_max_side_len=True)
     (tmp_path / "config.json").write_text(json.dumps(config))
     loaded = VisionLanguageModel.from_pretrained(tmp_path).eval()
     assert torch.equal(_logits(model, ids, images), _logits(loaded, ids, images))

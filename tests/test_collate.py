@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanovlm.data import VQACollator, VQADataset, get_image_processor
+from nanovlm.data import VQACollator, VQADataset, image_processor_for
 from nanovlm.data.shapes import ShapesRows
 
 IGNORE = -100
@@ -15,7 +15,7 @@ def items(tiny_cfg, tokenizer):
     """Samples of clearly different lengths: a caption, a yes/no, a colour question."""
     rows = [ShapesRows("train", 1, seed=s, max_objects=2, question_types=q)[0]
             for s, q in ((1, "caption"), (2, "exists"), (3, "colour"))]
-    dataset = VQADataset(rows, tokenizer, get_image_processor(tiny_cfg.vit_img_size), tiny_cfg)
+    dataset = VQADataset(rows, tokenizer, image_processor_for(tiny_cfg), tiny_cfg)
     items = [dataset[i] for i in range(len(dataset))]
     assert len({len(item["input_ids"]) for item in items}) == 3
     return items

@@ -5,7 +5,8 @@ import logging
 import pytest
 
 from nanovlm.config import (ConfigError, TrainConfig, VLMConfig, apply_overrides, configs_from_dict,
-                            configs_to_dict, owner_of, parse_override, preset)
+                            configs_to_dict, image_split_tokens, nanovlm_extra_tokens, owner_of, parse_override,
+                            preset)
 
 
 @pytest.fixture()
@@ -175,13 +176,76 @@ def test_from_dict_needs_a_dict():
 
 
 def test_legacy_checkpoint_fields_are_dropped_with_a_warning_when_not_strict(caplog):
-    data = {"lm_n_blocks": 2, "lm_use_tokens": False, "lm_eos_token_id": 0, "max_img_size": 1024,
-            "resize_to_max_side_len": False}
+    data = {"lm_n_blocks": 2, "lm_use_tokens": False, "lm_eos_token_id": 0, "max_img_size": 1792,
+            "resize_to_max_side_len": True}
     with caplog.at_level(logging.WARNING, logger="nanovlm.config"):
         cfg = VLMConfig.from_dict(data, strict=False)
-    assert cfg.lm_n_blocks == 2
-    for name in ("lm_use_tokens", "lm_eos_token_id", "max_img_size", "resize_to_max_side_len"):
+    assert (cfg.lm_n_blocks, cfg.max_img_size, cfg.resize_to_max_side_len) == (2, 1792, True)
+    for name in ("lm_use_tokens", "lm_eos_token_id"):
         assert name in caplog.text
+
+
+# ---------------------------------------------------------------- the image pipeline's fields
+
+def test_a_config_without_max_img_size_does_not_split_images():
+    # nanoVLM before image splitting (nanoVLM-222M) wrote neither field: one square per image.
+    cfg = VLMConfig.from_dict({"vit_img_size": 224, "lm_use_tokens": False}, strict=False).validate()
+    assert (cfg.max_img_size, cfg.splits_images, cfg.resize_to_max_side_len) == (224, False, False)
+
+
+def test_pixel_range_follows_who_wrote_the_config():
+    # nanoVLM's processor gives [0, 1]; nanovlm-ray's before this field gave (x - 0.5) / 0.5, and
+    # its config.json always holds vlm_image_token_id, which nanoVLM's never does.
+    nanovlm = VLMConfig.from_dict({"lm_use_tokens": False}, strict=False)
+    ours_before = VLMConfig.from_dict({"vlm_image_token_id": None})
+    assert (nanovlm.vit_img_mean, nanovlm.vit_img_std) == (0.0, 1.0)
+    assert (ours_before.vit_img_mean, ours_before.vit_img_std) == (0.5, 0.5)
+    assert VLMConfig.from_dict(preset("nanovlm-460m")[0].to_dict()).vit_img_mean == 0.0
+
+
+def test_nanovlm_460m_follows_the_current_nanovlm_defaults():
+    cfg = preset("nanovlm-460m")[0]
+    assert (cfg.vit_img_size, cfg.max_img_size, cfg.resize_to_max_side_len, cfg.splits_images) == (512, 2048, True, True)
+    assert (cfg.mp_pixel_shuffle_factor, cfg.mp_image_token_length, cfg.lm_hidden_dim, cfg.lm_n_blocks) == (4, 64, 960, 32)
+    assert cfg.extra_token_amount == 66 and cfg.lm_vocab_size == 49152 + 66 and cfg.image_token_id == 49152
+    tokens = list(cfg.vlm_extra_tokens.items())
+    assert tokens[:3] == [("image_token", "<|image|>"), ("global_image_token", "<|global_image|>"),
+                          ("r1c1", "<row_1_col_1>")]
+    assert tokens[-1] == ("r8c8", "<row_8_col_8>")
+
+
+def test_tiny_keeps_one_tile_per_image():
+    cfg = preset("tiny")[0]
+    assert (cfg.max_img_size, cfg.splits_images, cfg.vit_img_mean, cfg.vit_img_std) == (48, False, 0.5, 0.5)
+    assert list(cfg.vlm_extra_tokens) == ["image_token"] and cfg.lm_vocab_size == 513
+
+
+@pytest.mark.parametrize("changes,fields", [
+    (dict(max_img_size=40), ["max_img_size=40", "multiple of vit_img_size=48"]),
+    (dict(max_img_size=100), ["max_img_size=100", "multiple of vit_img_size=48"]),
+    (dict(max_img_size=96), ["2x2 tiles", "r1c1, r1c2, r2c1", "image_split_tokens(2)"]),
+    (dict(max_img_size=48 * 8, vlm_extra_tokens=nanovlm_extra_tokens(), extra_token_amount=66, lm_vocab_size=578,
+          lm_max_length=256), ["lm_max_length=256", "max_img_size=384"]),   # 8x8 tiles + a global view: 65 x 10
+    (dict(vit_img_std=0.0), ["vit_img_std=0.0"]),
+])
+def test_impossible_image_pipeline_is_rejected_naming_the_fields(vlm, changes, fields):
+    message = _error(vlm.replace(**changes).validate)
+    for text in fields:
+        assert text in message
+
+
+def test_splitting_without_a_global_token_is_valid(vlm):
+    # nanoVLM between image splitting and the global view: r{i}c{j} tokens only.
+    tokens = {"image_token": "<|image|>", **{k: v for k, v in image_split_tokens(2).items() if k != "global_image_token"}}
+    vlm.replace(max_img_size=96, vlm_extra_tokens=tokens, extra_token_amount=5, lm_vocab_size=517).validate()
+
+
+def test_overrides_move_max_img_size_and_the_extra_tokens_vocabulary(vlm, train):
+    moved, _ = apply_overrides(vlm, train, ["vit_img_size=64"])
+    assert moved.max_img_size == 64
+    split, _ = apply_overrides(vlm, train, {"max_img_size": 96, "vlm_extra_tokens": nanovlm_extra_tokens()})
+    assert (split.extra_token_amount, split.lm_vocab_size) == (66, 512 + 66)
+    split.validate()
 
 
 def test_legacy_fields_are_errors_in_strict_mode():

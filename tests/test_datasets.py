@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from nanovlm.config import preset
-from nanovlm.data import VQADataset, build_datasets, get_image_processor, get_tokenizer, normalize_answer
+from nanovlm.data import VQADataset, build_datasets, get_tokenizer, image_processor_for, normalize_answer
 from nanovlm.data.datasets import load_rows
 from nanovlm.data.shapes import ShapesRows
 
@@ -27,7 +27,7 @@ def tokenizer(cfgs):
 
 
 def make_dataset(rows, tokenizer, vlm, **kwargs):
-    return VQADataset(rows, tokenizer, get_image_processor(vlm.vit_img_size), vlm, **kwargs)
+    return VQADataset(rows, tokenizer, image_processor_for(vlm), vlm, **kwargs)
 
 
 def image(colour=(255, 0, 0)):

@@ -172,7 +172,7 @@ def test_generate_command_prints_the_greedy_answer(tmp_path, capsys):
 
     from nanovlm.cli import main
     from nanovlm.config import preset
-    from nanovlm.data.processors import get_image_processor, get_tokenizer
+    from nanovlm.data.processors import get_tokenizer, image_processor_for
 
     # 64 px pinned: 8x8 patch grid, 16 image tokens (the reference below spells both out)
     cfg = preset("tiny", vit_img_size=64, lm_tie_weights=False, vit_n_blocks=1, lm_n_blocks=1)[0]
@@ -192,7 +192,8 @@ def test_generate_command_prints_the_greedy_answer(tmp_path, capsys):
     text = tok.apply_chat_template([{"role": "user", "content": tok.image_token * 16 + "what colour?"}],
                                    tokenize=False, add_generation_prompt=True)
     ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
-    pixels = get_image_processor(64)(Image.open(tmp_path / "red.png"))[None]
+    pixels, grid = image_processor_for(cfg)(Image.open(tmp_path / "red.png"))   # tiny: one tile, no splitting
+    assert pixels.shape == (1, 3, 64, 64) and grid == (1, 1)
     stop = tok.convert_tokens_to_ids("<|im_end|>")
     out = model.generate(ids, images=pixels, max_new_tokens=6, greedy=True, eos_token_id=stop)[0].tolist()
     expected = tok.decode(out[:out.index(stop)] if stop in out else out, skip_special_tokens=True).strip()

@@ -73,19 +73,18 @@ def test_image_processor_matches_a_manual_reference():
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, size=(40, 50, 3), dtype=np.uint8)
     image = Image.fromarray(pixels, "RGB")
-    out = get_image_processor(32)(image)
+    out, grid = get_image_processor(32, 32, mean=0.5, std=0.5)(image)   # one tile: squashed to a square
     reference = np.asarray(image.resize((32, 32), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
     reference = (reference - 0.5) / 0.5
-    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
-    torch.testing.assert_close(out, torch.from_numpy(reference).permute(2, 0, 1), rtol=0, atol=1e-6)
+    assert out.shape == (1, 3, 32, 32) and out.dtype == torch.float32 and grid == (1, 1)
+    torch.testing.assert_close(out[0], torch.from_numpy(reference).permute(2, 0, 1), rtol=0, atol=1e-6)
 
 
 def test_image_processor_converts_to_rgb_and_uses_mean_and_std():
     image = Image.new("L", (8, 8), 51)  # grey 0.2
-    out = get_image_processor(8, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 0.1))(image)
-    expected = torch.tensor([(0.2 - 0.1) / 0.5, (0.2 - 0.2) / 0.25, (0.2 - 0.3) / 0.1])
-    torch.testing.assert_close(out[:, 0, 0], expected, rtol=0, atol=1e-6)
-    assert out.shape == (3, 8, 8)
+    out, _ = get_image_processor(8, 8, mean=0.1, std=0.5)(image)
+    torch.testing.assert_close(out[0, :, 0, 0], torch.full((3,), (0.2 - 0.1) / 0.5), rtol=0, atol=1e-6)
+    assert out.shape == (1, 3, 8, 8)
 
 
 def _build_in_child(root, queue):

@@ -233,7 +233,8 @@ def compare_config(name: str, cfg: VLMConfig, s: CompareSettings) -> dict:
         measures[key] = _paired(train, "tokens_per_s", target=TARGETS["train_tokens_per_s"])
         if s.compile:
             measures[f"{key}_compiled"] = _paired(train, "tokens_per_s", "ours_compiled", TARGETS["train_tokens_per_s"])
-        batch = synthetic_batch(cfg, spec.batch_size, spec.text_tokens, spec.n_images, answer_tokens=answer)
+        batch = synthetic_batch(cfg, spec.batch_size, spec.text_tokens, spec.n_images, answer_tokens=answer,
+                                image_size=spec.image_size)
         train_bounds[key] = train_compute_bound({"ours": t_ours, "reference": t_ref}, batch,
                                                 {"ours": measures[key]["ours"], "reference": measures[key]["reference"]},
                                                 best_peak)

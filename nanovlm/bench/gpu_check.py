@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     def train(compile: bool) -> dict[str, float]:
         runner = ours(compile)
         if compile:  # the first steps compile; they are timed separately, not counted
-            batch = synthetic_batch(cfg, train_spec.batch_size, train_spec.text_tokens, train_spec.n_images, device)
+            batch = synthetic_batch(cfg, train_spec.batch_size, train_spec.text_tokens, train_spec.n_images, device,
+                                    image_size=train_spec.image_size)
             compile_s = timed(lambda: runner.train_step(batch), device)
         res = measure_training([runner], cfg, train_spec, peak.get("measured", 1.0), warmup, repeats)[runner.name]
         out = flat(res)
@@ -124,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
         runner = ours(compile)
         out = {}
         if compile:  # the first call compiles (and records the CUDA graph); timed separately
-            batch = synthetic_batch(cfg, spec.batch_size, spec.prompt_tokens, spec.n_images, device)
+            batch = synthetic_batch(cfg, spec.batch_size, spec.prompt_tokens, spec.n_images, device,
+                                    image_size=spec.image_size)
             out["compile_first_call_s"] = timed(lambda: runner.generate(batch, spec.new_tokens), device)
             eager = NanoVLMRunner(runner.model, dtype=dtype)
             out["tokens_equal_eager"] = float(torch.equal(runner.generate(batch, spec.new_tokens),

@@ -57,8 +57,8 @@ logger = logging.getLogger(__name__)
 BENCH_VERSION = 1   # bump when a measurement's definition changes: old cache entries stop matching
 TOP_LEVEL_KEYS = {"name", "preset", "overrides", "grid", "measure", "resources", "plots", "output_dir"}
 MEASURE_KEYS = {"inference", "training", "warmup", "repeats", "threads", "largest_batch"}
-INFERENCE_KEYS = {"batch_size", "prompt_tokens", "new_tokens", "n_images"}
-TRAINING_KEYS = {"text_tokens", "n_images"}
+INFERENCE_KEYS = {"batch_size", "prompt_tokens", "new_tokens", "n_images", "image_size"}  # image_size: [h, w]
+TRAINING_KEYS = {"text_tokens", "n_images", "image_size"}
 DEFAULT_MEASURE: dict[str, Any] = {
     "inference": {"batch_size": 1, "prompt_tokens": 32, "new_tokens": 32, "n_images": 1},
     "training": {"text_tokens": 32, "n_images": 1},

@@ -14,16 +14,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import resource
 import statistics
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Callable, Protocol
 
 import torch
+from PIL import Image
 
 from nanovlm.accel import apply_training_kernels, compile_for_training
 from nanovlm.config import VLMConfig
+from nanovlm.data.processors import get_image_string, image_processor_for, process_images
 from nanovlm.models.flops import vlm_flops
 from nanovlm.training.optim import adamw
 
@@ -36,13 +40,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class SyntheticBatch:
-    """A tokenizer-free batch: each sample is `n_images` blocks of image tokens followed by
+    """A tokenizer-free batch: each sample is the image string of `n_images` images followed by
     random text tokens; no padding (timings should not depend on the padding pattern)."""
     input_ids: torch.Tensor        # [B, T]
     attention_mask: torch.Tensor   # [B, T], all ones
-    images: torch.Tensor           # [B * n_images, 3, H, W]
-    targets: torch.Tensor          # [B, T], input_ids shifted left, -100 on image tokens and the last
+    images: torch.Tensor           # [B * n_tiles, 3, H, W]
+    targets: torch.Tensor          # [B, T], input_ids shifted left, -100 on the image string and the last
     n_images: int
+    n_tiles: int = 0               # tiles per sample through the ViT (global views included); 0 -> n_images
+
+    def __post_init__(self) -> None:
+        self.n_tiles = self.n_tiles or self.n_images
 
     @property
     def batch_size(self) -> int:
@@ -55,28 +63,52 @@ class SyntheticBatch:
 
 def synthetic_batch(cfg: VLMConfig, batch_size: int, text_tokens: int, n_images: int = 1,
                     device: str | torch.device = "cpu", seed: int = 0,
-                    answer_tokens: int | None = None) -> SyntheticBatch:
-    """`text_tokens` random ids after `n_images * mp_image_token_length` image tokens. Targets
-    supervise the next token at every text position (`answer_tokens=None`, language-model
-    pre-training), or only the last `answer_tokens` ids (instruction tuning: image and prompt
-    masked, the answer learned; how nanoVLM trains)."""
+                    answer_tokens: int | None = None, image_size: tuple[int, int] | None = None) -> SyntheticBatch:
+    """`text_tokens` random ids after the image string of `n_images` images. Targets supervise
+    the next token at every text position (`answer_tokens=None`, language-model pre-training),
+    or only the last `answer_tokens` ids (instruction tuning: image and prompt masked, the
+    answer learned; how nanoVLM trains).
+
+    `image_size=None`: each image is one random tile (no resize). `(height, width)`: random
+    images of that size go through the model's image processor (resize, tiles, global view),
+    and the prompt holds their image string, as in training."""
     if batch_size <= 0 or text_tokens <= 0 or n_images < 0:
         raise ValueError(f"batch_size={batch_size}, text_tokens={text_tokens} must be positive "
                          f"and n_images={n_images} >= 0.")
     if answer_tokens is not None and not 0 < answer_tokens < text_tokens:
         raise ValueError(f"answer_tokens={answer_tokens} must be between 1 and text_tokens - 1 = {text_tokens - 1}.")
     g = torch.Generator().manual_seed(seed)
-    n_img_tok = n_images * cfg.mp_image_token_length
     text = torch.randint(0, cfg.lm_base_vocab_size, (batch_size, text_tokens), generator=g)
-    image_ids = torch.full((batch_size, n_img_tok), cfg.image_token_id, dtype=torch.long)
-    input_ids = torch.cat([image_ids, text], dim=1)
+    if image_size is None:
+        images = torch.randn(batch_size * n_images, 3, cfg.vit_img_size, cfg.vit_img_size, generator=g)
+        grids = [(1, 1)] * n_images
+    else:
+        pixels = torch.randint(0, 256, (batch_size * n_images, *image_size, 3), dtype=torch.uint8, generator=g)
+        images, grids = process_images(image_processor_for(cfg), [Image.fromarray(p) for p in pixels.numpy()])
+        grids = grids[:n_images]                                 # every sample's images have the same sizes
+    image_string = get_image_string(SimpleNamespace(**cfg.vlm_extra_tokens), grids, cfg.mp_image_token_length)
+    image_ids = torch.tensor(placeholder_ids(cfg, image_string), dtype=torch.long)
+    n_img_tok = len(image_ids)
+    input_ids = torch.cat([image_ids.expand(batch_size, -1), text], dim=1)
     targets = torch.full_like(input_ids, -100)
     first = n_img_tok if answer_tokens is None else input_ids.shape[1] - 1 - answer_tokens
     targets[:, first:-1] = input_ids[:, first + 1:]
-    images = torch.randn(batch_size * n_images, 3, cfg.vit_img_size, cfg.vit_img_size, generator=g)
     device = torch.device(device)
     return SyntheticBatch(input_ids.to(device), torch.ones_like(input_ids).to(device), images.to(device),
-                          targets.to(device), n_images)
+                          targets.to(device), n_images, images.shape[0] // batch_size)
+
+
+def placeholder_ids(cfg: VLMConfig, image_string: str) -> list[int]:
+    """Ids of an image string without a tokenizer: each of `vlm_extra_tokens` gets the id
+    `get_tokenizer` gives it (the base vocabulary + its position); any other character
+    (`<image: i>`) one ordinary id."""
+    ids = {token: cfg.lm_base_vocab_size + k for k, token in enumerate(cfg.vlm_extra_tokens.values())}
+    ids[cfg.vlm_extra_tokens["image_token"]] = cfg.image_token_id
+    pattern = "|".join(re.escape(token) for token in sorted(ids, key=len, reverse=True))
+    out: list[int] = []
+    for piece in re.split(f"({pattern})", image_string):
+        out += [ids[piece]] if piece in ids else [ord(c) % cfg.lm_base_vocab_size for c in piece]
+    return out
 
 
 # ==================================================================== runners
@@ -284,6 +316,7 @@ class InferenceSpec:
     prompt_tokens: int = 32        # text tokens after the image tokens
     new_tokens: int = 64
     n_images: int = 1
+    image_size: tuple[int, int] | None = None   # (height, width) through the image processor; None: one tile
 
 
 @dataclass
@@ -292,6 +325,7 @@ class TrainSpec:
     text_tokens: int = 32          # text tokens after the image tokens
     n_images: int = 1
     answer_tokens: int | None = None  # supervised tokens at the end (None: every text token)
+    image_size: tuple[int, int] | None = None   # (height, width) through the image processor; None: one tile
 
 
 def inference_trial(runner: Runner, batch: SyntheticBatch, new_tokens: int) -> Callable[[], dict[str, float]]:
@@ -324,7 +358,7 @@ def inference_trial(runner: Runner, batch: SyntheticBatch, new_tokens: int) -> C
 def train_trial(runner: Runner, batch: SyntheticBatch, cfg: VLMConfig, peak_flops: float
                 ) -> Callable[[], dict[str, float]]:
     b, t = batch.batch_size, batch.seq_len
-    flops_per_step = b * vlm_flops(cfg, t, batch.n_images, backward=True)
+    flops_per_step = b * vlm_flops(cfg, t, batch.n_tiles, backward=True)
 
     def trial() -> dict[str, float]:
         step = timed(lambda: runner.train_step(batch), runner.device)
@@ -343,7 +377,8 @@ def measure_inference(runners: list[Runner], cfg: VLMConfig, spec: InferenceSpec
     """Inference metrics for each runner (interleaved), plus `peak_memory_mb` of one
     `new_tokens` generation."""
     device = runners[0].device
-    batch = synthetic_batch(cfg, spec.batch_size, spec.prompt_tokens, spec.n_images, device)
+    batch = synthetic_batch(cfg, spec.batch_size, spec.prompt_tokens, spec.n_images, device,
+                            image_size=spec.image_size)
     results = interleave({r.name: inference_trial(r, batch, spec.new_tokens) for r in runners}, warmup, repeats)
     if memory:
         for r in runners:
@@ -357,7 +392,7 @@ def measure_training(runners: list[Runner], cfg: VLMConfig, spec: TrainSpec, pea
     """Training-step metrics for each runner (interleaved); MFU is against `peak_flops`."""
     device = runners[0].device
     batch = synthetic_batch(cfg, spec.batch_size, spec.text_tokens, spec.n_images, device,
-                            answer_tokens=spec.answer_tokens)
+                            answer_tokens=spec.answer_tokens, image_size=spec.image_size)
     results = interleave({r.name: train_trial(r, batch, cfg, peak_flops) for r in runners}, warmup, repeats)
     if memory:
         for r in runners:
@@ -377,7 +412,7 @@ def largest_batch(make_runner: Callable[[], Runner], cfg: VLMConfig, spec: Train
     def fits(batch_size: int) -> bool:
         try:
             batch = synthetic_batch(cfg, batch_size, spec.text_tokens, spec.n_images, runner.device,
-                                    answer_tokens=spec.answer_tokens)
+                                    answer_tokens=spec.answer_tokens, image_size=spec.image_size)
             runner.train_step(batch)
             synchronize(runner.device)
             return True

@@ -127,7 +127,7 @@ class ReferenceRunner:
 
     def _pixels(self, batch: SyntheticBatch) -> torch.Tensor:
         b = batch.batch_size
-        return batch.images.view(b, batch.n_images, *batch.images.shape[1:])   # [B, n_images, 3, H, W]
+        return batch.images.view(b, batch.n_tiles, *batch.images.shape[1:])    # [B, n_tiles, 3, H, W]
 
     @torch.inference_mode()
     def encode_images(self, batch: SyntheticBatch) -> torch.Tensor:

@@ -4,8 +4,9 @@
         --prompt "What colour is the shape?" [--max-new-tokens 32] [--greedy] [--compile]
 
 The checkpoint is a directory written by `save_pretrained`, a training checkpoint, a training
-run's output directory (its latest checkpoint), or a Hub repo id. The prompt is built as in training: the chat template, one user turn that opens
-with `mp_image_token_length` image placeholders. Prints the answer on stdout.
+run's output directory (its latest checkpoint), or a Hub repo id. Images and prompt go through the
+functions training uses (docs/data.md): the model's image processor (tiles, global view), and the
+chat template of one user turn that opens with the image string. Prints the answer on stdout.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def answer(checkpoint: str, images: list[str] | str, prompt: str, max_new_tokens
     import torch
     from PIL import Image
 
-    from nanovlm.data.processors import get_image_processor, get_tokenizer
+    from nanovlm.data.processors import get_tokenizer, image_processor_for, process_images
+    from nanovlm.data.prompts import ConversationEncoder
     from nanovlm.models import VisionLanguageModel
 
     images = [images] if isinstance(images, str) else list(images)
@@ -77,12 +79,10 @@ def answer(checkpoint: str, images: list[str] | str, prompt: str, max_new_tokens
         raise ValueError(f"The tokenizer's image token id is {tok.image_token_id} but the model expects "
                          f"{model.image_token_id}; pass the tokenizer the model was trained with (--tokenizer).")
 
-    processor = get_image_processor(cfg.vit_img_size)
-    pixels = torch.stack([processor(Image.open(p)) for p in images]).to(device)     # [N, 3, H, W]
-    placeholder = tok.image_token * (cfg.mp_image_token_length * len(images))
-    text = tok.apply_chat_template([{"role": "user", "content": placeholder + prompt}], tokenize=False,
-                                   add_generation_prompt=True)
-    input_ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]], device=device)
+    pixels, grids = process_images(image_processor_for(cfg), [Image.open(p) for p in images])  # [N tiles, 3, H, W]
+    input_ids = torch.tensor([ConversationEncoder(tok, cfg.mp_image_token_length).prompt_ids(prompt, grids)],
+                             device=device)
+    pixels = pixels.to(device)
 
     stop = _stop_token(tok)
     out = model.generate(input_ids, images=pixels, max_new_tokens=max_new_tokens, greedy=greedy,

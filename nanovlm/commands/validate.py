@@ -13,7 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--seq-len", type=int, default=None,
                         help="decoder positions per sample, image tokens included (default: lm_max_length)")
-    parser.add_argument("--images", type=int, default=1, help="images per sample (default: 1)")
+    parser.add_argument("--images", type=int, default=1,
+                        help="images per sample through the ViT, i.e. tiles and global views when images are "
+                             "split (default: 1)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -22,6 +24,14 @@ def _human(n: float, unit: str = "") -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {suffix}{unit}"
     return f"{n:.0f} {unit}".rstrip()
+
+
+def _tiles(vlm) -> str:
+    if not vlm.splits_images:
+        return f"1 (no splitting: max_img_size = vit_img_size = {vlm.vit_img_size})"
+    side = vlm.max_grid_side
+    view = " + a global view" if "global_image_token" in vlm.vlm_extra_tokens else ""
+    return f"up to {side}x{side} of {vlm.vit_img_size} px{view} (max_img_size={vlm.max_img_size})"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,9 +52,10 @@ def run(args: argparse.Namespace) -> int:
         ("parameters: decoder (tied head counted once)" if vlm.lm_tie_weights else "parameters: decoder",
          _human(p["decoder"])),
         ("parameters: total", f"{_human(p['total'])} ({p['total']:,})"),
-        ("image tokens per image", str(sizes.image_tokens_per_image)),
-        ("sequence length / images per sample", f"{sizes.seq_len} / {sizes.n_images}"),
-        ("FLOPs per image (ViT + projector, forward)",
+        ("tiles per image", _tiles(vlm)),
+        ("image tokens per tile", str(sizes.image_tokens_per_image)),
+        ("sequence length / tiles per sample", f"{sizes.seq_len} / {sizes.n_images}"),
+        ("FLOPs per tile (ViT + projector, forward)",
          _human(sizes.vision_flops_per_image + sizes.projector_flops_per_image, "FLOP")),
         ("FLOPs per decoder token (forward, prefill avg)", _human(sizes.decoder_flops_per_token, "FLOP")),
         ("FLOPs per sample (forward)", _human(sizes.forward_flops_per_sample, "FLOP")),

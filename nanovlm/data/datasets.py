@@ -2,8 +2,9 @@
 
 Rows follow the nanoVLM schema: `images` (list of PIL images) and `texts` (list of
 {"user", "assistant"} turns); `image` / `question` + `answer` columns are accepted too.
-A row with no usable turn, an unreadable image, or a prompt longer than `lm_max_length` is
-skipped and counted (`VQADataset.skipped`), never fatal.
+A row with no usable turn, an unreadable image, more than `max_images_per_example` images, or
+a prompt longer than `lm_max_length` is skipped and counted (`VQADataset.skipped`), never fatal.
+Images go through the model's image pipeline (`image_processor_for`, docs/data.md).
 
 `build_datasets(vlm_cfg, train_cfg, tokenizer, rank, world_size)` is what the training loop
 (and each Ray Train worker) calls: train and validation `VQADataset`s, sharded per rank.
@@ -23,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from PIL import Image
 
-from nanovlm.data.processors import get_image_processor
+from nanovlm.data.processors import Grid, image_processor_for, process_images
 from nanovlm.data.prompts import IGNORE_INDEX, ConversationEncoder
 from nanovlm.data.shapes import ShapesRows
 from nanovlm.data.tokenizer_training import train_tokenizer_on_rows
@@ -75,14 +76,16 @@ def row_images(row: dict[str, Any]) -> list[Any]:
     return list(images) if isinstance(images, (list, tuple)) else [images]
 
 
-def open_image(image: Any) -> Image.Image:
-    """A PIL image from what a row holds: a PIL image, or datasets' undecoded {bytes, path}."""
+def open_image(image: Any, decode: bool = True) -> Image.Image:
+    """A PIL image from what a row holds: a PIL image, or datasets' undecoded {bytes, path}
+    (`decode=False`: only its header is read, enough for `.size`)."""
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, dict) and (image.get("bytes") or image.get("path")):
         source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
         opened = Image.open(source)
-        opened.load()
+        if decode:
+            opened.load()
         return opened
     raise ValueError(f"not an image: {type(image).__name__}")
 
@@ -124,20 +127,24 @@ def _undecoded_feature(feature: Any) -> Any:
 # ==================================================================== samples
 
 class VQADataset(torch.utils.data.Dataset):
-    """Samples for the VLM: ids with image placeholders, shifted labels, processed images.
+    """Samples for the VLM: ids with the image string, shifted labels, processed images.
 
     Item keys: `input_ids` [L], `labels` [L] (already shifted: labels[t] is the target of
     position t, i.e. input_ids[t+1] where it is an answer token or its end token, else -100),
-    `attention_mask` [L], `images` [n, 3, H, W], `prompt_ids` [P] (input_ids before the last
-    answer, for generation), `question_type`, `answer` (the last assistant turn).
+    `attention_mask` [L], `images` [n, 3, H, W] (the tiles of every image of the row, in order),
+    `grids` (each image's (rows, cols)), `prompt_ids` [P] (input_ids before the last answer, for
+    generation), `question_type`, `answer` (the last assistant turn).
+
+    `image_processor` defaults to the model's (`image_processor_for(cfg)`).
     """
 
     def __init__(self, rows: Sequence[dict], tokenizer, image_processor, cfg, max_length: int | None = None,
-                 verify_images: bool = False, name: str = "dataset"):
+                 verify_images: bool = False, name: str = "dataset", max_images: int | None = None):
         self.rows = rows
         self.tokenizer = tokenizer
-        self.image_processor = image_processor
+        self.image_processor = image_processor or image_processor_for(cfg)
         self.max_length = max_length or cfg.lm_max_length
+        self.max_images = max_images
         self.name = name
         self.encoder = ConversationEncoder(tokenizer, cfg.mp_image_token_length)
         self.skipped: Counter[str] = Counter()  # reason -> rows skipped while scanning
@@ -154,6 +161,9 @@ class VQADataset(torch.utils.data.Dataset):
                 self.skipped["no_usable_turns"] += 1
                 continue
             images = row_images(row)
+            if self.max_images is not None and len(images) > self.max_images:
+                self.skipped["too_many_images"] += 1
+                continue
             if any(image is None for image in images) and not hasattr(self.rows, "text_row"):
                 self.skipped["unreadable_image"] += 1
                 continue
@@ -165,7 +175,13 @@ class VQADataset(torch.utils.data.Dataset):
                     logger.debug("%s row %d: unreadable image (%s)", self.name, i, exc)
                     self.skipped["unreadable_image"] += 1
                     continue
-            if len(self.encoder.encode(tuple(turns), len(images)).input_ids) > self.max_length:
+            try:
+                grids = self._grids(images)
+            except Exception as exc:  # PIL raises many types for broken headers
+                logger.debug("%s row %d: unreadable image (%s)", self.name, i, exc)
+                self.skipped["unreadable_image"] += 1
+                continue
+            if len(self.encoder.encode(tuple(turns), grids).input_ids) > self.max_length:
                 self.skipped["too_long"] += 1
                 continue
             kept.append(i)
@@ -174,6 +190,20 @@ class VQADataset(torch.utils.data.Dataset):
         else:
             logger.info("%s: %d rows.", self.name, len(kept))
         return kept
+
+    def _grids(self, images: list[Any]) -> tuple[Grid, ...]:
+        """Each image's tile grid, from its size alone (no pixel is decoded)."""
+        if not self.image_processor.splits:
+            return ((1, 1),) * len(images)
+        return tuple(self.image_processor.grid(*self._size(image)) for image in images)
+
+    def _size(self, image: Any) -> tuple[int, int]:
+        if image is None:  # ShapesRows.text_row: its images are img_size squares
+            return (self.rows.img_size, self.rows.img_size)
+        if isinstance(image, Image.Image):
+            return image.size
+        with open_image(image, decode=False) as opened:
+            return opened.size
 
     @property
     def num_skipped(self) -> int:
@@ -203,17 +233,17 @@ class VQADataset(torch.utils.data.Dataset):
         raise RuntimeError(f"{self.name}: no row has a readable image.")
 
     def _item(self, row: dict[str, Any]) -> dict[str, Any]:
-        images = [self.image_processor(open_image(image)) for image in row_images(row)]
-        encoded = self.encoder.encode(tuple(row_turns(row)), len(images))
+        images, grids = process_images(self.image_processor, [open_image(image) for image in row_images(row)])
+        encoded = self.encoder.encode(tuple(row_turns(row)), tuple(grids))
         input_ids = torch.tensor(encoded.input_ids, dtype=torch.long)
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[:-1] = torch.tensor(encoded.labels[1:], dtype=torch.long)  # position t predicts t+1
-        size = self.image_processor.img_size
         return {
             "input_ids": input_ids,
             "labels": labels,
             "attention_mask": torch.ones_like(input_ids),
-            "images": torch.stack(images) if images else torch.empty(0, 3, size, size),
+            "images": images,                                                # [n_tiles, 3, H, W]
+            "grids": grids,
             "prompt_ids": torch.tensor(encoded.prompt_ids, dtype=torch.long),
             "question_type": row.get("question_type") or DEFAULT_QUESTION_TYPE,
             "answer": encoded.answer,
@@ -315,9 +345,10 @@ def build_datasets(vlm_cfg, train_cfg, tokenizer, rank: int = 0, world_size: int
                          f"VLMConfig.image_token_id is {vlm_cfg.image_token_id} (lm_base_vocab_size="
                          f"{vlm_cfg.lm_base_vocab_size}); set lm_base_vocab_size to the tokenizer's base "
                          "vocabulary or vlm_image_token_id to the tokenizer's id.")
-    image_processor = image_processor or get_image_processor(vlm_cfg.vit_img_size)
+    image_processor = image_processor or image_processor_for(vlm_cfg)
     train_rows, val_rows, local = load_rows(train_cfg, vlm_cfg.vit_img_size)
-    common = dict(tokenizer=tokenizer, image_processor=image_processor, cfg=vlm_cfg, verify_images=local)
+    common = dict(tokenizer=tokenizer, image_processor=image_processor, cfg=vlm_cfg, verify_images=local,
+                  max_images=train_cfg.max_images_per_example)
     train = VQADataset(train_rows, name="train", **common)
     if len(train) < world_size:
         raise ValueError(f"train_dataset_path={train_cfg.train_dataset_path!r} has {len(train)} usable "

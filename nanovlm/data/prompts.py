@@ -1,7 +1,8 @@
-"""Turn a conversation (nanoVLM `texts` turns + a number of images) into token ids and labels.
+"""Turn a conversation (nanoVLM `texts` turns + the tile grids of its images) into token ids and labels.
 
-The chat template renders the conversation; image placeholders (`mp_image_token_length` copies
-of the image token per image) open the first user turn, as in nanoVLM. The rendered text is cut
+The chat template renders the conversation; the image string (`get_image_string`: the global
+and tile tokens, `mp_image_token_length` image tokens per tile) opens the first user turn, as in
+nanoVLM; image tokens already in the text are removed (as nanoVLM does). The rendered text is cut
 into segments at each assistant answer and each segment is tokenized on its own, so that
 `prompt_ids` (everything before the last answer: what `generate` is given at evaluation) is
 exactly a prefix of `input_ids`. Labels keep the answer tokens and the special token that
@@ -10,8 +11,14 @@ closes the answer (`<|im_end|>` in ChatML) and are -100 everywhere else.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Sequence
+
+from nanovlm.data.processors import Grid, get_image_string
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
@@ -55,18 +62,35 @@ class ConversationEncoder:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _encode(self, turns: tuple[tuple[str, str], ...], n_images: int) -> EncodedConversation:
-        """`turns`: ((user, assistant), ...), at least one; `n_images` images open the first turn."""
+    def prompt_ids(self, user: str, grids: Sequence[Grid]) -> tuple[int, ...]:
+        """Ids of a one-turn prompt about images of `grids`, ready for generation: what
+        `nanovlm generate` feeds the model (a prefix of the training ids of the same turn)."""
+        messages = [{"role": "user", "content": self._opening(self._plain(user), tuple(grids))}]
+        return tuple(self._ids(self._render(messages, add_generation_prompt=True)))
+
+    def _opening(self, user: str, grids: tuple[Grid, ...]) -> str:
+        """The first user turn: the image string, then the text."""
+        return get_image_string(self.tokenizer, grids, self.image_token_length) + user
+
+    def _plain(self, text: str) -> str:
+        """`text` without image tokens: only the image string may hold them."""
+        if self.tokenizer.image_token in text:
+            logger.warning("Removed image tokens %r found in the text of a turn.", self.tokenizer.image_token)
+            text = text.replace(self.tokenizer.image_token, "")
+        return text
+
+    def _encode(self, turns: tuple[tuple[str, str], ...], grids: tuple[Grid, ...]) -> EncodedConversation:
+        """`turns`: ((user, assistant), ...), at least one; the images of `grids` open the first turn."""
         if not turns:
             raise ValueError("A conversation needs at least one (user, assistant) turn.")
-        placeholder = self.tokenizer.image_token * (self.image_token_length * n_images)
+        turns = tuple((self._plain(user), self._plain(assistant)) for user, assistant in turns)
         messages: list[dict] = []
         input_ids: list[int] = []
         labels: list[int] = []
         rendered = ""
         prompt_ids: list[int] = []
         for k, (user, assistant) in enumerate(turns):
-            messages.append({"role": "user", "content": (placeholder + user) if k == 0 else user})
+            messages.append({"role": "user", "content": self._opening(user, grids) if k == 0 else user})
             with_prompt = self._render(messages, add_generation_prompt=True)
             prompt_part = self._suffix(rendered, with_prompt)
             ids = self._ids(prompt_part)

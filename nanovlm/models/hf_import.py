@@ -174,6 +174,8 @@ def configure_from_backbones(cfg: VLMConfig) -> VLMConfig:
     grid = vision.image_size // vision.patch_size
     if grid % cfg.mp_pixel_shuffle_factor == 0:
         changes["mp_image_token_length"] = (grid // cfg.mp_pixel_shuffle_factor) ** 2
+    if cfg.max_img_size == cfg.vit_img_size:   # no splitting: images stay one tile of the backbone's size
+        changes["max_img_size"] = vision.image_size
     for name, value in changes.items():
         if getattr(cfg, name) != value:
             logger.info("%s=%r from the backbone checkpoints (config had %r)", name, value, getattr(cfg, name))
@@ -276,6 +278,7 @@ def idefics3_config(directory: Path, origin: str) -> tuple[VLMConfig, bool]:
         mp_pixel_shuffle_factor=hf.scale_factor, mp_image_token_length=(grid // hf.scale_factor) ** 2,
         # The checkpoint's tokenizer already holds its image token; the id comes from its config.
         vlm_extra_tokens={"image_token": "<image>"}, vlm_image_token_id=hf.image_token_id,
+        vit_img_mean=0.5, vit_img_std=0.5,   # Idefics3's processor normalises to [-1, 1]
         vlm_load_backbone_weights=False, hf_repo_name=Path(str(origin)).name,
     )
     return cfg, tied
