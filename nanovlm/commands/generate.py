@@ -55,15 +55,12 @@ def answer(checkpoint: str, images: list[str] | str, prompt: str, max_new_tokens
            tokenizer: str | None = None, device: str = "auto", compile: bool = False) -> str:
     """The decoded answer of the model in `checkpoint` to `prompt` about `images`."""
     import torch
-    from PIL import Image
 
+    from nanovlm.config import ConfigError
     from nanovlm.data.processors import get_image_processor, get_tokenizer
     from nanovlm.models import VisionLanguageModel
 
-    images = [images] if isinstance(images, str) else list(images)
-    for path in images:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"--image {path} does not exist.")
+    images = [_read_image(path) for path in ([images] if isinstance(images, str) else images)]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
@@ -74,11 +71,11 @@ def answer(checkpoint: str, images: list[str] | str, prompt: str, max_new_tokens
     tok = get_tokenizer(_tokenizer_source(checkpoint, cfg.lm_tokenizer, tokenizer), cfg.vlm_extra_tokens,
                         cfg.lm_chat_template)
     if tok.image_token_id != model.image_token_id:
-        raise ValueError(f"The tokenizer's image token id is {tok.image_token_id} but the model expects "
+        raise ConfigError(f"The tokenizer's image token id is {tok.image_token_id} but the model expects "
                          f"{model.image_token_id}; pass the tokenizer the model was trained with (--tokenizer).")
 
     processor = get_image_processor(cfg.vit_img_size)
-    pixels = torch.stack([processor(Image.open(p)) for p in images]).to(device)     # [N, 3, H, W]
+    pixels = torch.stack([processor(image) for image in images]).to(device)     # [N, 3, H, W]
     placeholder = tok.image_token * (cfg.mp_image_token_length * len(images))
     text = tok.apply_chat_template([{"role": "user", "content": placeholder + prompt}], tokenize=False,
                                    add_generation_prompt=True)
@@ -91,6 +88,21 @@ def answer(checkpoint: str, images: list[str] | str, prompt: str, max_new_tokens
     if stop is not None and stop in out:
         out = out[:out.index(stop)]
     return tok.decode(out, skip_special_tokens=True).strip()
+
+
+def _read_image(path: str):
+    """The decoded image at `path`; a missing or unreadable file fails here, before the model loads."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--image {path} does not exist.")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, SyntaxError) as exc:  # PIL's error for a file it cannot identify, or a damaged one
+        raise UnidentifiedImageError(f"--image {path} is not an image PIL can read ({exc}); give a PNG, JPEG "
+                                     "or another image file.") from None
+    return image
 
 
 def _model_directory(checkpoint: str) -> str:

@@ -218,6 +218,9 @@ def run_training(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Opt
     if checkpoint is not None:
         checkpointing.check_resumable(vlm_cfg, checkpoint)
     storage = resolve_storage_path(train_cfg.storage_path)
+    checkpointing.check_output_dir(train_cfg.output_dir)
+    if "://" not in storage:
+        checkpointing.check_writable_dir(storage, f"storage_path={storage!r}", "set another (--set storage_path=DIR)")
     name = run_name or tracking.default_run_name(preset_name)
     uri = tracking.absolute_uri(tracking_uri or tracking.default_tracking_uri()) if track else None
     if uri is not None:
