@@ -504,8 +504,8 @@ def read_json_file(path: str | Path, what: str = "Config file") -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{what} {path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}; "
-                          "fix the file or write it again.") from None
+        raise ConfigError(f"{what} {path} is not valid JSON: {exc.msg.removesuffix(' at')} at line {exc.lineno}, "
+                          f"column {exc.colno}; fix the file or write it again.") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{what} {path} is not a text file, so not JSON; give a JSON file.") from None
 

@@ -72,7 +72,7 @@ def load_failure(path: Path, exc: BaseException) -> str:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as error:
-                    problem = f"is not valid JSON ({error.msg} at column {error.colno})"
+                    problem = f"is not valid JSON ({error.msg.removesuffix(' at')} at column {error.colno})"
                 else:
                     if isinstance(row, dict):
                         continue
