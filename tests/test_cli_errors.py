@@ -221,3 +221,25 @@ def test_parquet_image_paths_are_read_relative_to_the_file_or_as_absolute(tmp_pa
         by_answer = {ds[k]["answer"]: ds[k]["images"] for k in range(len(ds))}
         for i, colour in enumerate(colours):
             assert torch.equal(by_answer[f"a{i}"][0], processor(Image.new("RGB", (20, 20), colour)))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_dataset_error_in_ray_workers_is_the_same_one_line(inputs, tmp_path, capsys):
+    import tempfile
+
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: socket paths are length-limited
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp_dir)
+    try:
+        code = main(["train", "--dataset", str(inputs / "no_usable_rows"), "--num-workers", "2", *set_arguments(),
+                     "--set", "cpus_per_worker=0.5", "--set", "val_ratio=0", "--set", f"storage_path={tmp_path}",
+                     "--max-steps", "1", "--no-tracking", "--output", str(tmp_path / "out")])
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert code == 2
+    # Ray forwards its workers' own logs (tracebacks included) to this stderr; the command adds one line
+    ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nanovlm train:")]
+    assert len(ours) == 1 and "no_usable_rows' has 0 usable training rows for 2 worker(s)" in ours[0], ours
