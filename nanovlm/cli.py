@@ -73,9 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    module = importlib.import_module(f"nanovlm.commands.{args.command}")
     try:
-        return int(module.run(args) or 0)
+        return int(importlib.import_module(f"nanovlm.commands.{args.command}").run(args) or 0)
     except KeyboardInterrupt:
         print(f"nanovlm {args.command}: interrupted.", file=sys.stderr)
         return 130

@@ -65,6 +65,9 @@ def _write_inputs(root: Path) -> None:
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     shutil.copytree(root / "checkpoint", root / "bad_config")
     (root / "bad_config" / "config.json").write_text('{"vit_hidden_dim": 32,\n  oops}\n')
+    shutil.copytree(root / "checkpoint", root / "unknown_field")
+    config = json.loads((root / "checkpoint" / "config.json").read_text())
+    (root / "unknown_field" / "config.json").write_text(json.dumps({**config, "lm_n_blokcs": 2}))
 
     space = {"name": "all_invalid", "preset": "tiny", "overrides": {"max_training_steps": 4},
              # the tiny preset's 6x6 patch grid: neither 4 nor 5 divides it
@@ -103,6 +106,9 @@ CASES = {
                           ["{root}/truncated/model.safetensors is truncated", "re-save"]),
     "checkpoint-config-invalid-json": ([*GENERATE, "--checkpoint", "{root}/bad_config", "--image", "{root}/red.png"],
                                        ["{root}/bad_config/config.json is not valid JSON", "line 2, column 3"]),
+    "checkpoint-config-unknown-field": (
+        [*GENERATE, "--checkpoint", "{root}/unknown_field", "--image", "{root}/red.png"],
+        ["{root}/unknown_field/config.json", "'lm_n_blokcs'", "'lm_n_blocks'"]),
     "output-is-a-file": (["train", *TRAIN, "--output", "{root}/a_file"],
                          ["output_dir='{root}/a_file'", "is a file", "--output"]),
     "output-under-a-file-on-ray": (["train", *TRAIN, "--num-workers", "2", "--output", "{root}/a_file/run"],

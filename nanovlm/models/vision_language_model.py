@@ -184,7 +184,10 @@ class VisionLanguageModel(nn.Module):
                               "VLMConfig fields; write the checkpoint again (save_pretrained).")
         if raw.get("model_type") in ("idefics3", "smolvlm"):
             return cls.from_idefics3(path)
-        cfg = VLMConfig.from_dict(raw, strict=False)
+        try:
+            cfg = VLMConfig.from_dict(raw, strict=False)
+        except ConfigError as exc:
+            raise ConfigError(f"Checkpoint config {config_path}: {exc}") from None
         model = cls(cfg, load_backbone=False)
         load_weights(model, path / WEIGHTS_NAME, aliases=TIED_ALIASES if cfg.lm_tie_weights else None,
                      optional=("rotary_embd.inv_freq",))

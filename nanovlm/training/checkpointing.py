@@ -57,7 +57,7 @@ def check_writable_dir(path: str | Path, setting: str, fix: str) -> None:
     if not existing.is_dir():
         problem = f"{existing} is a file, not a directory"
     elif not os.access(existing, os.W_OK | os.X_OK):
-        problem = f"{existing} is not writable by this user" + ("" if existing == path else " (so it cannot be created)")
+        problem = f"{existing} is not writable" + ("" if existing == path else f", so {path} cannot be created")
     else:
         return
     raise ConfigError(f"{setting} cannot be written: {problem}; {fix}.")
