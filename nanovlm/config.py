@@ -516,6 +516,9 @@ def configs_to_dict(vlm: VLMConfig, train: TrainConfig) -> dict[str, dict[str, A
 
 
 def configs_from_dict(data: dict[str, Any]) -> tuple[VLMConfig, TrainConfig]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"A config must be a JSON object with 'vlm' and 'train' sections (what `nanovlm config` "
+                          f"prints), got {json_kind(data)}.")
     for key in ("vlm", "train"):
         if key not in data:
             raise ConfigError(f"Config dict has no {key!r} section; expected keys 'vlm' and 'train'.")
@@ -558,13 +561,35 @@ def _read_json(path_or_text: str | Path) -> dict[str, Any]:
     text = str(path_or_text)
     if text.lstrip().startswith("{"):
         return json.loads(text)
-    path = Path(path_or_text)
-    if not path.exists():
-        raise ConfigError(f"Config file {path} does not exist.")
+    data = read_json_file(path_or_text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {path_or_text} holds {json_kind(data)}, not a JSON object of config fields.")
+    return data
+
+
+def read_json_file(path: str | Path, what: str = "Config file") -> Any:
+    """The JSON value in the file at `path`; `ConfigError` naming the file (and, for a syntax
+    error, its line and column) when it is missing, unreadable or not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} {'is a directory' if path.is_dir() else 'does not exist'}; "
+                          "give a JSON file.")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"Config file {path} is not valid JSON: {exc}") from exc
+        raise ConfigError(f"{what} {path} is not valid JSON: {exc.msg.removesuffix(' at')} at line {exc.lineno}, "
+                          f"column {exc.colno}; fix the file or write it again.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not a text file, so not JSON; give a JSON file.") from None
+
+
+def json_kind(value: Any) -> str:
+    """How a JSON value reads in a message: 'a number (42)', 'a list', ..."""
+    for types_, kind in ((bool, "a boolean"), ((int, float), "a number"), (str, "a string"), (list, "a list"),
+                         (dict, "an object")):
+        if isinstance(value, types_):
+            return kind + (f" ({value!r})" if isinstance(value, (bool, int, float)) else "")
+    return "null"
 
 
 def _from_dict(cls: type, data: dict[str, Any], *, strict: bool) -> Any:

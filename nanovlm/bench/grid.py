@@ -150,7 +150,11 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> BenchGrid
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"Benchmark grid {path} does not exist (see benchmarks/grids/*.yaml).")
-    data = yaml.safe_load(path.read_text())
+    try:
+        with path.open() as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if overrides:
         from nanovlm.config import parse_overrides
         if not isinstance(data, dict):

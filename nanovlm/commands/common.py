@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-from nanovlm.config import PRESETS, TrainConfig, VLMConfig, apply_overrides, configs_from_dict, preset
+from nanovlm.config import (PRESETS, ConfigError, TrainConfig, VLMConfig, apply_overrides, configs_from_dict, preset,
+                            read_json_file)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
@@ -28,7 +27,8 @@ def base_configs(args: argparse.Namespace) -> tuple[VLMConfig, TrainConfig]:
     """The --config file's configs, else the --preset's (not validated yet)."""
     if not args.config:
         return preset(args.preset)
-    path = Path(args.config)
-    if not path.exists():
-        raise FileNotFoundError(f"--config {path} does not exist.")
-    return configs_from_dict(json.loads(path.read_text()))
+    data = read_json_file(args.config, what="--config")
+    try:
+        return configs_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"--config {args.config}: {exc}") from None

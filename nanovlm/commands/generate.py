@@ -56,16 +56,13 @@ def answer(checkpoint: str, images: list[str] | str, prompt: str, max_new_tokens
            tokenizer: str | None = None, device: str = "auto", compile: bool = False) -> str:
     """The decoded answer of the model in `checkpoint` to `prompt` about `images`."""
     import torch
-    from PIL import Image
 
+    from nanovlm.config import ConfigError
     from nanovlm.data.processors import get_tokenizer, image_processor_for, process_images
     from nanovlm.data.prompts import ConversationEncoder
     from nanovlm.models import VisionLanguageModel
 
-    images = [images] if isinstance(images, str) else list(images)
-    for path in images:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"--image {path} does not exist.")
+    images = [_read_image(path) for path in ([images] if isinstance(images, str) else images)]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
@@ -76,10 +73,10 @@ def answer(checkpoint: str, images: list[str] | str, prompt: str, max_new_tokens
     tok = get_tokenizer(_tokenizer_source(checkpoint, cfg.lm_tokenizer, tokenizer), cfg.vlm_extra_tokens,
                         cfg.lm_chat_template)
     if tok.image_token_id != model.image_token_id:
-        raise ValueError(f"The tokenizer's image token id is {tok.image_token_id} but the model expects "
+        raise ConfigError(f"The tokenizer's image token id is {tok.image_token_id} but the model expects "
                          f"{model.image_token_id}; pass the tokenizer the model was trained with (--tokenizer).")
 
-    pixels, grids = process_images(image_processor_for(cfg), [Image.open(p) for p in images])  # [N tiles, 3, H, W]
+    pixels, grids = process_images(image_processor_for(cfg), images)  # [N tiles, 3, H, W]
     input_ids = torch.tensor([ConversationEncoder(tok, cfg.mp_image_token_length).prompt_ids(prompt, grids)],
                              device=device)
     pixels = pixels.to(device)
@@ -91,6 +88,21 @@ def answer(checkpoint: str, images: list[str] | str, prompt: str, max_new_tokens
     if stop is not None and stop in out:
         out = out[:out.index(stop)]
     return tok.decode(out, skip_special_tokens=True).strip()
+
+
+def _read_image(path: str):
+    """The decoded image at `path`; a missing or unreadable file fails here, before the model loads."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--image {path} does not exist.")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, SyntaxError) as exc:  # PIL's error for a file it cannot identify, or a damaged one
+        raise UnidentifiedImageError(f"--image {path} is not an image PIL can read ({exc}); give a PNG, JPEG "
+                                     "or another image file.") from None
+    return image
 
 
 def _model_directory(checkpoint: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 from nanovlm.config import ConfigError
@@ -35,8 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from nanovlm.sweep.results import why_no_trial_trained
     from nanovlm.sweep.runner import default_storage, find_resumable, run_sweep
-    from nanovlm.sweep.space import load_space
+    from nanovlm.sweep.space import check_some_trial_is_valid, load_space
 
     resume_dir = None
     spec = None
@@ -59,9 +61,17 @@ def run(args: argparse.Namespace) -> int:
             resume_dir = find_resumable(spec.name, storage)
     elif spec is None:
         raise ConfigError("Give a search-space file (e.g. `nanovlm sweep tune/demo.yaml`) or --resume DIR.")
+    else:
+        check_some_trial_is_valid(spec)  # before Ray starts
 
     outcome = run_sweep(spec, resume_dir=resume_dir, storage_path=args.storage_path, ray_address=args.address)
     print_outcome(outcome)
+    failure = why_no_trial_trained(outcome.records)
+    if failure is not None and outcome.records and all(r.status == "invalid" for r in outcome.records):
+        raise ConfigError(f"Sweep {outcome.sweep_dir}: {failure}. Change the space or the fixed overrides.")
+    if failure is not None:
+        print(f"nanovlm sweep: {failure} (results in {outcome.files['results.md']})", file=sys.stderr)
+        return 1
     return 1 if outcome.interrupted else 0
 
 

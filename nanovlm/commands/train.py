@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,22 +60,15 @@ def _configs(args: argparse.Namespace) -> tuple[VLMConfig, TrainConfig]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanovlm.distributed.launcher import ClusterResourceError
-    from nanovlm.tracking import TrackingError
-
     vlm_cfg, train_cfg = _configs(args)
     options: dict[str, Any] = dict(preset_name=None if (args.config or args.resume) else args.preset,
                                    run_name=args.run_name, track=not args.no_tracking, resume_from=args.resume)
-    try:
-        if train_cfg.num_workers > 1 or train_cfg.use_gpu:
-            from nanovlm.distributed.launcher import run_training
-            summary = run_training(vlm_cfg, train_cfg, **options)
-        else:
-            from nanovlm.training.tracked import train_tracked
-            summary = train_tracked(vlm_cfg, train_cfg, **options)
-    except (TrackingError, ClusterResourceError) as exc:
-        print(f"nanovlm train: {exc}", file=sys.stderr)
-        return 2
+    if train_cfg.num_workers > 1 or train_cfg.use_gpu:
+        from nanovlm.distributed.launcher import run_training
+        summary = run_training(vlm_cfg, train_cfg, **options)
+    else:
+        from nanovlm.training.tracked import train_tracked
+        summary = train_tracked(vlm_cfg, train_cfg, **options)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2, default=str))
     output_dir = summary.get("config", {}).get("train", {}).get("output_dir", train_cfg.output_dir)
     print(f"summary written to {Path(output_dir) / 'summary.json'}")

@@ -7,6 +7,7 @@ import argparse
 import json
 
 from nanovlm.commands.common import add_config_arguments, configs_from_args
+from nanovlm.config import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     vlm, train = configs_from_args(args)
     if args.seq_len is not None and args.seq_len <= 0:
-        raise SystemExit(f"--seq-len={args.seq_len} must be positive.")
+        raise ConfigError(f"--seq-len={args.seq_len} must be positive.")
     sizes = model_sizes(vlm, seq_len=args.seq_len, n_images=args.images)
     if args.json:
         print(json.dumps(sizes.as_dict(), indent=2))

@@ -24,6 +24,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from PIL import Image
 
+from nanovlm.data.local_files import DatasetError, load_failure, parquet_splits, resolve_image_paths
 from nanovlm.data.processors import Grid, image_processor_for, process_images
 from nanovlm.data.prompts import IGNORE_INDEX, ConversationEncoder
 from nanovlm.data.shapes import ShapesRows
@@ -32,6 +33,13 @@ from nanovlm.data.tokenizer_training import train_tokenizer_on_rows
 logger = logging.getLogger(__name__)
 
 DEFAULT_QUESTION_TYPE = "default"
+# What to do about each reason a row is skipped for (VQADataset.skipped's keys).
+SKIP_FIXES = {
+    "no_usable_turns": "each row needs texts=[{'user': ..., 'assistant': ...}] (or question/answer columns)",
+    "unreadable_image": "check the image files or bytes the rows hold",
+    "too_long": "raise lm_max_length or shorten the texts",
+    "too_many_images": "raise max_images_per_example or split the rows",
+}
 
 
 # ==================================================================== answers
@@ -148,6 +156,7 @@ class VQADataset(torch.utils.data.Dataset):
         self.name = name
         self.encoder = ConversationEncoder(tokenizer, cfg.mp_image_token_length)
         self.skipped: Counter[str] = Counter()  # reason -> rows skipped while scanning
+        self.skip_details: dict[str, str] = {}  # reason -> what was wrong with the first row skipped for it
         self.skipped_at_load = 0                # unreadable images met in __getitem__ (this process)
         self.indices = self._scan(verify_images)
 
@@ -158,35 +167,36 @@ class VQADataset(torch.utils.data.Dataset):
             total += 1
             turns = row_turns(row)
             if not turns:
-                self.skipped["no_usable_turns"] += 1
+                self._skip("no_usable_turns", i, f"no turn with a non-empty 'user' and 'assistant' (columns "
+                                                 f"{sorted(row)}, texts={str(row.get('texts'))[:80]})")
                 continue
             images = row_images(row)
             if self.max_images is not None and len(images) > self.max_images:
-                self.skipped["too_many_images"] += 1
+                self._skip("too_many_images", i, f"{len(images)} images, over max_images_per_example={self.max_images}")
                 continue
             if any(image is None for image in images) and not hasattr(self.rows, "text_row"):
-                self.skipped["unreadable_image"] += 1
+                self._skip("unreadable_image", i, "an image is missing (None)")
                 continue
             if verify_images:
                 try:
                     for image in images:
                         open_image(image)
                 except Exception as exc:  # PIL raises many types for broken files
-                    logger.debug("%s row %d: unreadable image (%s)", self.name, i, exc)
-                    self.skipped["unreadable_image"] += 1
+                    self._skip("unreadable_image", i, f"{type(exc).__name__}: {exc}")
                     continue
             try:
                 grids = self._grids(images)
             except Exception as exc:  # PIL raises many types for broken headers
-                logger.debug("%s row %d: unreadable image (%s)", self.name, i, exc)
-                self.skipped["unreadable_image"] += 1
+                self._skip("unreadable_image", i, f"{type(exc).__name__}: {exc}")
                 continue
-            if len(self.encoder.encode(tuple(turns), grids).input_ids) > self.max_length:
-                self.skipped["too_long"] += 1
+            length = len(self.encoder.encode(tuple(turns), grids).input_ids)
+            if length > self.max_length:
+                self._skip("too_long", i, f"{length} tokens, over lm_max_length={self.max_length}")
                 continue
             kept.append(i)
         if self.skipped:
-            logger.warning("%s: kept %d of %d rows; skipped %s.", self.name, len(kept), total, dict(self.skipped))
+            logger.warning("%s: kept %d of %d rows; skipped %s; first of each: %s.", self.name, len(kept), total,
+                           dict(self.skipped), self.skip_details)
         else:
             logger.info("%s: %d rows.", self.name, len(kept))
         return kept
@@ -204,6 +214,20 @@ class VQADataset(torch.utils.data.Dataset):
             return image.size
         with open_image(image, decode=False) as opened:
             return opened.size
+
+    def _skip(self, reason: str, row: int, detail: str) -> None:
+        self.skipped[reason] += 1
+        self.skip_details.setdefault(reason, f"row {row}: {detail}")
+        logger.debug("%s row %d skipped (%s): %s", self.name, row, reason, detail)
+
+    def why_skipped(self) -> str:
+        """The counts by reason, and the most common reason's first row and fix, in one line."""
+        if not self.skipped:
+            return "no row was skipped"
+        reason, _ = self.skipped.most_common(1)[0]
+        counts = ", ".join(f"{n} {r}" for r, n in self.skipped.most_common())
+        fix = SKIP_FIXES.get(reason, "see the log above")
+        return f"skipped {counts}; most common: {reason} (first at {self.skip_details[reason]}); {fix}"
 
     @property
     def num_skipped(self) -> int:
@@ -230,7 +254,7 @@ class VQADataset(torch.utils.data.Dataset):
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                 self.skipped_at_load += 1
                 logger.warning("%s row %d: unreadable image (%s); using the next row.", self.name, index, exc)
-        raise RuntimeError(f"{self.name}: no row has a readable image.")
+        raise DatasetError(f"{self.name}: no row has a readable image; {SKIP_FIXES['unreadable_image']}.")
 
     def _item(self, row: dict[str, Any]) -> dict[str, Any]:
         images, grids = process_images(self.image_processor, [open_image(image) for image in row_images(row)])
@@ -273,30 +297,40 @@ def load_rows(train_cfg, img_size: int = 64) -> tuple[Sequence[dict], Sequence[d
 
 def _load_local(path: Path):
     import datasets
-    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-        return datasets.load_from_disk(str(path))
-    if path.is_file() and path.suffix == ".parquet":
-        return datasets.load_dataset("parquet", data_files=str(path))
-    if path.is_dir() and any(path.rglob("*.parquet")):
-        return datasets.load_dataset("parquet", data_dir=str(path))
-    if path.is_dir():
-        return datasets.load_dataset("imagefolder", data_dir=str(path))
-    raise ValueError(f"train_dataset_path={str(path)!r}: expected a save_to_disk directory, parquet "
-                     "file(s) or an imagefolder directory with metadata.jsonl.")
+    try:
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            return datasets.load_from_disk(str(path))
+        parquet = [path] if path.suffix == ".parquet" and path.is_file() else sorted(path.rglob("*.parquet"))
+        if parquet:
+            return resolve_image_paths(datasets.load_dataset("parquet", data_files=parquet_splits(path, parquet)),
+                                        parquet)
+        if path.is_dir():
+            return datasets.load_dataset("imagefolder", data_dir=str(path))
+    except DatasetError:
+        raise
+    except (datasets.exceptions.DatasetGenerationError, ValueError, OSError) as exc:
+        raise DatasetError(load_failure(path, exc)) from exc
+    raise DatasetError(f"train_dataset_path={str(path)!r}: expected a save_to_disk directory, parquet "
+                       "file(s) or an imagefolder directory with metadata.jsonl.")
 
 
 def _load_hub(path: str, names: str):
     """the_cauldron-style: one config per comma-separated name, train splits concatenated."""
     import datasets
     subsets = [n.strip() for n in names.split(",") if n.strip()]
-    if subsets in ([], ["all"]):
-        subsets = datasets.get_dataset_config_names(path)
     parts = {}
-    for subset in subsets:
-        logger.info("Loading %s / %s from the Hub.", path, subset)
-        loaded = datasets.load_dataset(path, subset)
-        for split, ds in loaded.items():
-            parts.setdefault(split, []).append(ds)
+    try:
+        if subsets in ([], ["all"]):
+            subsets = datasets.get_dataset_config_names(path)
+        for subset in subsets:
+            logger.info("Loading %s / %s from the Hub.", path, subset)
+            loaded = datasets.load_dataset(path, subset)
+            for split, ds in loaded.items():
+                parts.setdefault(split, []).append(ds)
+    except (OSError, ValueError) as exc:  # not found, offline, no such subset
+        raise DatasetError(f"train_dataset_path={path!r} is no local path and does not load from the Hub: "
+                           f"{type(exc).__name__}: {exc}. Check the path or the dataset id (and "
+                           "train_dataset_name), or the network.") from exc
     if "validation" in parts and len(parts["validation"]) != len(subsets):
         del parts["validation"]  # only some subsets have one: split everything by val_ratio instead
     return datasets.DatasetDict({split: datasets.concatenate_datasets(p) for split, p in parts.items()})
@@ -309,7 +343,7 @@ def _pick_splits(data, val_ratio: float, seed: int, path: str):
             if name in data and "train" in data:
                 return data["train"], data[name]
         if "train" not in data and len(data) != 1:
-            raise ValueError(f"train_dataset_path={path!r} has splits {list(data)} and none is 'train'.")
+            raise DatasetError(f"train_dataset_path={path!r} has splits {list(data)} and none is 'train'.")
         data = data["train"] if "train" in data else next(iter(data.values()))
     n_val = round(len(data) * val_ratio)
     if val_ratio > 0 and n_val == 0 and len(data) > 1:
@@ -351,8 +385,8 @@ def build_datasets(vlm_cfg, train_cfg, tokenizer, rank: int = 0, world_size: int
                   max_images=train_cfg.max_images_per_example)
     train = VQADataset(train_rows, name="train", **common)
     if len(train) < world_size:
-        raise ValueError(f"train_dataset_path={train_cfg.train_dataset_path!r} has {len(train)} usable "
-                         f"training rows for {world_size} worker(s) (skipped: {dict(train.skipped)}).")
+        raise DatasetError(f"train_dataset_path={train_cfg.train_dataset_path!r} has {len(train)} usable "
+                           f"training rows for {world_size} worker(s): {train.why_skipped()}.")
     train.shard(rank, world_size)
     val = None
     if val_rows is not None:

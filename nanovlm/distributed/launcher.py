@@ -198,6 +198,18 @@ def _save_run_state(storage: str, name: str, state: dict[str, Any]) -> None:
     path.write_text(json.dumps(state, indent=2) + "\n")
 
 
+def _worker_input_error(failure: Exception) -> Optional[Exception]:
+    """The lowest failing rank's own error when it is bad input or a diverged run (what the same
+    run raises in one process), so that both routes report it alike; None for anything else."""
+    from nanovlm.data.local_files import DatasetError
+    from nanovlm.models.checkpoint import CheckpointError
+    from nanovlm.training.loop import NonFiniteLossError
+
+    errors = getattr(failure, "worker_failures", None) or {}
+    first = errors[min(errors)] if errors else None
+    return first if isinstance(first, (ConfigError, DatasetError, CheckpointError, NonFiniteLossError)) else None
+
+
 def run_training(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Optional[str] = None,
                  run_name: Optional[str] = None, tracking_uri: Optional[str] = None,
                  track: bool = True, worker_env: Optional[dict[str, str]] = None,
@@ -218,6 +230,9 @@ def run_training(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Opt
     if checkpoint is not None:
         checkpointing.check_resumable(vlm_cfg, checkpoint)
     storage = resolve_storage_path(train_cfg.storage_path)
+    checkpointing.check_output_dir(train_cfg.output_dir)
+    if "://" not in storage:
+        checkpointing.check_writable_dir(storage, f"storage_path={storage!r}", "set another (--set storage_path=DIR)")
     name = run_name or tracking.default_run_name(preset_name)
     uri = tracking.absolute_uri(tracking_uri or tracking.default_tracking_uri()) if track else None
     if uri is not None:
@@ -255,6 +270,9 @@ def run_training(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Opt
         result = trainer.fit()
         status = "FINISHED"
     except ray.train.TrainingFailedError as exc:
+        input_error = _worker_input_error(exc)
+        if input_error is not None:
+            raise input_error from exc
         raise RuntimeError(
             f"Training run {name!r} failed: {exc}. Its checkpoints are in {run_dir(storage, name)}; run again "
             f"with --run-name {name} to resume from the latest one.") from exc

@@ -7,7 +7,6 @@ order; everything else is an ordinary causal language model. Checkpoints are a d
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -19,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanovlm.config import VLMConfig
+from nanovlm.config import ConfigError, VLMConfig, json_kind, read_json_file
 from nanovlm.models import generation
 from nanovlm.models.checkpoint import load_weights, save_weights
 from nanovlm.models.language_model import LanguageModel
@@ -179,10 +178,16 @@ class VisionLanguageModel(nn.Module):
         config_path = path / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"Checkpoint directory {path} has no {CONFIG_NAME}.")
-        raw = json.loads(config_path.read_text())
+        raw = read_json_file(config_path, what="Checkpoint config")
+        if not isinstance(raw, dict):
+            raise ConfigError(f"Checkpoint config {config_path} holds {json_kind(raw)}, not a JSON object of "
+                              "VLMConfig fields; write the checkpoint again (save_pretrained).")
         if raw.get("model_type") in ("idefics3", "smolvlm"):
             return cls.from_idefics3(path)
-        cfg = VLMConfig.from_dict(raw, strict=False)
+        try:
+            cfg = VLMConfig.from_dict(raw, strict=False)
+        except ConfigError as exc:
+            raise ConfigError(f"Checkpoint config {config_path}: {exc}") from None
         model = cls(cfg, load_backbone=False)
         load_weights(model, path / WEIGHTS_NAME, aliases=TIED_ALIASES if cfg.lm_tie_weights else None,
                      optional=("rotary_embd.inv_freq",))

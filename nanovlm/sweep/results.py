@@ -76,6 +76,24 @@ def best_trial(records: Iterable[TrialRecord], metric: str, mode: str) -> TrialR
     return (completed or ranked or [None])[0]
 
 
+def why_no_trial_trained(records: Iterable[TrialRecord]) -> str | None:
+    """None when some trial trained (a ranked status); else one line: each distinct reason with
+    its status and trials (the first three, then how many more)."""
+    records = list(records)
+    if any(r.status in RANKED_STATUSES for r in records):
+        return None
+    if not records:
+        return "the sweep ran no trial"
+    trials_by_reason: dict[str, list[str]] = {}
+    for record in sorted(records, key=lambda r: r.trial_id):
+        reason = f"{record.status}: {' '.join(record.reason.split()) or 'no reason recorded'}"
+        trials_by_reason.setdefault(reason, []).append(record.trial_id)
+    shown = [f"{', '.join(ids)} {reason}" for reason, ids in list(trials_by_reason.items())[:3]]
+    more = len(trials_by_reason) - len(shown)
+    return (f"none of the {len(records)} trials trained: " + "; ".join(shown)
+            + (f"; and {more} other reason(s) in results.md" if more else ""))
+
+
 def best_config(spec: SweepSpec, record: TrialRecord) -> dict[str, dict[str, Any]]:
     """The full `configs_to_dict` form of a trial: what `nanovlm train --config` reads."""
     vlm, train = trial_configs(spec, record.config)

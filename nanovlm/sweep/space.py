@@ -26,6 +26,7 @@ factor that does not divide the patch grid) is only known per trial; `trial_conf
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import types
 import typing
@@ -128,6 +129,32 @@ def trial_configs(spec: SweepSpec, sampled: dict[str, Any]) -> tuple[VLMConfig, 
     vlm, train = spec.base_configs()
     vlm, train = apply_overrides(vlm, train, dict(sampled))
     return vlm.validate(), train.validate()
+
+
+def check_some_trial_is_valid(spec: SweepSpec, limit: int = 1000) -> None:
+    """`ConfigError` when the space is finite (choice and grid only, at most `limit` combinations)
+    and no combination of its values can be built: every trial would be invalid. Spaces with a
+    continuous distribution are only known per trial (the sweep's outcome tells)."""
+    if any(d.kind not in ("choice", "grid") for d in spec.space.values()):
+        return
+    names = list(spec.space)
+    combinations = list(itertools.islice(itertools.product(*(spec.space[n].args for n in names)), limit + 1))
+    if len(combinations) > limit:
+        return
+    examples: dict[str, list[dict[str, Any]]] = {}  # reason -> the combinations it rules out
+    for values in combinations:
+        sampled = dict(zip(names, values))
+        try:
+            trial_configs(spec, sampled)
+            return
+        except ConfigError as exc:
+            examples.setdefault(" ".join(str(exc).split()).rstrip("."), []).append(sampled)
+    shown = [f"{reason} ({len(found)} combination(s), e.g. {', '.join(f'{k}={v!r}' for k, v in found[0].items())})"
+             for reason, found in list(examples.items())[:3]]
+    more = f"; and {len(examples) - 3} other reason(s)" if len(examples) > 3 else ""
+    raise ConfigError(f"{spec.source_path or spec.name}: none of the {len(combinations)} combinations of the space "
+                      f"can be built, so every trial would be invalid: {'; '.join(shown)}{more}. Change the space "
+                      "or the fixed overrides.")
 
 
 def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:

@@ -13,7 +13,6 @@ half-written `step_*` directory that `latest_checkpoint` could pick up.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nanovlm.config import ConfigError, TrainConfig, VLMConfig
+from nanovlm.config import ConfigError, TrainConfig, VLMConfig, read_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +40,27 @@ def checkpoint_root(output_dir: str | Path) -> Path:
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
+
+
+def check_output_dir(output_dir: str | Path) -> None:
+    """`ConfigError` now, before any training, when `output_dir` or its checkpoints/ directory
+    cannot be created and written; otherwise the first checkpoint would fail, after the work."""
+    for path in (Path(output_dir), checkpoint_root(output_dir)):
+        check_writable_dir(path, f"output_dir={str(output_dir)!r}", "choose another --output (or --set output_dir=DIR)")
+
+
+def check_writable_dir(path: str | Path, setting: str, fix: str) -> None:
+    """`ConfigError` "<setting> cannot be written: <why>; <fix>." unless `path` is a writable
+    directory or can be created as one (its nearest existing ancestor is a writable directory)."""
+    path = Path(path).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        problem = f"{existing} is a file, not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable" + ("" if existing == path else f", so {path} cannot be created")
+    else:
+        return
+    raise ConfigError(f"{setting} cannot be written: {problem}; {fix}.")
 
 
 # ---------------------------------------------------------------------------- RNG
@@ -175,7 +195,7 @@ def check_same_model(vlm_cfg: VLMConfig, saved: dict[str, Any], *, source: str, 
 
 def check_resumable(vlm_cfg: VLMConfig, checkpoint_dir: str | Path) -> None:
     """Refuse to resume `checkpoint_dir` with a model config other than its own."""
-    saved = json.loads((Path(checkpoint_dir) / "config.json").read_text())
+    saved = read_json_file(Path(checkpoint_dir) / "config.json", what="Checkpoint config")
     check_same_model(vlm_cfg, saved, source=f"Checkpoint {checkpoint_dir} holds",
                      fix="Resume with the checkpoint's model settings (drop the --set/--config values that change "
                          "them), or start a new run without --resume.")

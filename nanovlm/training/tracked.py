@@ -81,6 +81,7 @@ def train_tracked(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Op
     device = resolve_device(train_cfg.device)  # ConfigError now, not after the run was created
     # Absolute, like a Ray run's: the summary, the params and the run record name one place.
     train_cfg = train_cfg.replace(output_dir=str(Path(train_cfg.output_dir).expanduser().resolve()))
+    checkpointing.check_output_dir(train_cfg.output_dir)
     checkpoint = checkpointing.resolve_checkpoint(resume_from) if resume_from is not None else None
     if checkpoint is not None:
         checkpointing.check_resumable(vlm_cfg, checkpoint)
