@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -121,14 +122,18 @@ def main() -> int:
 
     import datasets
     datasets.disable_progress_bars()
-    datasets.Dataset.from_list(mixed_rows(args.samples, base.seed, vlm.vit_img_size, args.caption_objects),
-                      features=shapes_features()).save_to_disk(str(work / "data"))
     sides = {"padded": base.replace(packing=False, batch_size=args.batch_size),
              "packed": base.replace(packing=True, batch_size=args.rows)}
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
-    for r in range(args.rounds):
-        for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
-            runs[name].append(measure(vlm, sides[name].replace(output_dir=str(work / f"{name}{r}")), args.warmup))
+    try:
+        datasets.Dataset.from_list(mixed_rows(args.samples, base.seed, vlm.vit_img_size, args.caption_objects),
+                                   features=shapes_features()).save_to_disk(str(work / "data"))
+        for r in range(args.rounds):
+            for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+                out = str(work / f"{name}{r}")
+                runs[name].append(measure(vlm, sides[name].replace(output_dir=out), args.warmup))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
     ratios = [p["tokens_per_second"] / q["tokens_per_second"] for p, q in zip(runs["packed"], runs["padded"])]
     compute = [p["compute_tokens_per_second"] / q["compute_tokens_per_second"]
