@@ -315,6 +315,11 @@ class TrainConfig(_Serialised):
     tokenizer_path: Optional[str] = None  # overrides VLMConfig.lm_tokenizer (e.g. a locally trained one)
     dataloader_workers: int = 0
 
+    # --- packing (docs/packing.md) ---
+    packing: bool = True                  # whole samples packed into rows, each attending only to itself
+    max_sample_length: Optional[int] = None  # tokens per packed row; None -> VLMConfig.lm_max_length
+    max_images_per_knapsack: int = 18     # images per packed row (rows of the samples' image tensors)
+
     # --- evaluation, logging, checkpoints ---
     eval_interval: int = 250
     eval_samples: int = 256               # validation samples for loss and answer accuracy
@@ -357,6 +362,10 @@ class TrainConfig(_Serialised):
             errors.append(f"dtype={self.dtype!r} must be one of 'auto', 'float32', 'bfloat16'.")
         if self.device not in ("auto", "cpu", "cuda"):
             errors.append(f"device={self.device!r} must be one of 'auto', 'cpu', 'cuda'.")
+        if self.max_sample_length is not None and self.max_sample_length <= 0:
+            errors.append(f"max_sample_length={self.max_sample_length} must be positive (or None for lm_max_length).")
+        if self.max_images_per_knapsack <= 0:
+            errors.append(f"max_images_per_knapsack={self.max_images_per_knapsack} must be positive.")
         if self.peak_flops is not None and self.peak_flops <= 0:
             errors.append(f"peak_flops={self.peak_flops} must be positive (or None to measure it).")
         if self.lr_mp == self.lr_vision_backbone == self.lr_language_backbone == 0:
@@ -376,7 +385,8 @@ def _tiny() -> tuple[VLMConfig, TrainConfig]:
     # is learned in ~200 steps, shape later; 48 px learns shape fastest per second (at 32 px the
     # shapes are too small to tell apart, at 64 px steps cost 1.4x more for the same progress
     # per step), and 7e-4 beat 1e-3/1.5e-3 on shape. Uses a BPE tokenizer trained locally on
-    # the shapes text (tokenizer_path=None -> trained and cached on first use).
+    # the shapes text (tokenizer_path=None -> trained and cached on first use). Pads instead of
+    # packing: its samples are all about one length, and its records count batches of samples.
     vlm = VLMConfig(
         vit_hidden_dim=128, vit_inter_dim=512, vit_patch_size=8, vit_img_size=48, vit_n_heads=4,
         vit_n_blocks=3, vit_model_type="", vit_cls_flag=False,
@@ -391,7 +401,7 @@ def _tiny() -> tuple[VLMConfig, TrainConfig]:
         lr_mp=7e-4, lr_vision_backbone=7e-4, lr_language_backbone=7e-4, weight_decay=0.01,
         batch_size=32, max_training_steps=3000, eval_interval=500, eval_samples=256,
         checkpoint_interval=500, log_interval=50, shapes_max_objects=1, shapes_question_types="colour,shape",
-        output_dir="runs/tiny",
+        output_dir="runs/tiny", packing=False,
     )
     return vlm, train
 

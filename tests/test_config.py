@@ -103,7 +103,7 @@ def test_image_token_id_defaults_to_the_row_after_the_base_vocabulary(vlm):
 POSITIVE_TRAIN = ["batch_size", "gradient_accumulation_steps", "max_training_steps", "eval_interval", "eval_samples",
                   "log_interval", "checkpoint_interval", "num_workers", "report_interval", "checkpoints_to_keep",
                   "shapes_max_objects", "shapes_train_size", "shapes_eval_size", "max_new_tokens_eval",
-                  "cpus_per_worker"]
+                  "cpus_per_worker", "max_sample_length", "max_images_per_knapsack"]
 NON_NEGATIVE_TRAIN = ["lr_mp", "lr_vision_backbone", "lr_language_backbone", "weight_decay", "max_grad_norm",
                       "max_failures", "dataloader_workers"]
 

@@ -112,11 +112,13 @@ class LossRecorder:
         self.hooks = type("Recorder", (TrainHooks,), {"on_step": lambda _, step, m: self.losses.__setitem__(step, m["loss"])})()
 
 
-def test_resumed_run_reproduces_the_uninterrupted_losses(tmp_path):
+@pytest.mark.parametrize("packing", [False, True])
+def test_resumed_run_reproduces_the_uninterrupted_losses(tmp_path, packing):
     from nanovlm.training import train
-    # dropout and gradient accumulation make the RNG state and the data position matter
+    # dropout and gradient accumulation make the RNG state and the data position matter; packed
+    # (2 rows of ~4 samples per batch), the 12 batches cross an epoch of 8
     changes = dict(max_training_steps=6, checkpoint_interval=3, eval_interval=3, gradient_accumulation_steps=2,
-                   lm_dropout=0.1, vit_dropout=0.1)
+                   lm_dropout=0.1, vit_dropout=0.1, packing=packing, **({"batch_size": 2} if packing else {}))
     full = LossRecorder()
     train(*tiny_configs(tmp_path / "full", **changes), hooks=full.hooks)
     checkpoint = tmp_path / "full" / "checkpoints" / "step_000003"

@@ -16,7 +16,8 @@ from nanovlm.training.loop import keep_freed_memory
 from training_configs import tiny_configs
 
 STEP_KEYS = {"loss", "lr_mp", "lr_vision_backbone", "lr_language_backbone", "grad_norm", "tokens_per_second",
-             "samples_per_second", "images_per_second", "step_time", "data_wait", "mfu", "peak_memory_mb"}
+             "samples_per_second", "images_per_second", "step_time", "data_wait", "mfu", "peak_memory_mb",
+             "padding_fraction"}
 
 
 class Recorder(TrainHooks):
@@ -153,8 +154,9 @@ def test_step_metrics_are_rates_over_the_step_time():
     from nanovlm.training.metrics import step_metrics
     m = step_metrics(loss=2.0, lrs={"lr_mp": 1e-3}, grad_norm=0.5, step_time=2.0, data_wait=0.1,
                      local_tokens=1000, local_samples=10, local_images=20, local_flops=4e9, peak_flops=1e10,
-                     device=torch.device("cpu"))
-    assert m["tokens_per_second"] == m["tokens_per_second_per_worker"] == 500.0
+                     device=torch.device("cpu"), local_positions=1250)
+    assert m["tokens_per_second"] == m["tokens_per_second_per_worker"] == 500.0   # real tokens only
+    assert m["padding_fraction"] == 0.2
     assert m["samples_per_second"] == 5.0 and m["images_per_second"] == 10.0
     assert m["mfu"] == pytest.approx(4e9 / (2.0 * 1e10))
     assert m["peak_memory_mb"] > 0

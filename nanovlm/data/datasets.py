@@ -273,6 +273,18 @@ class VQADataset(torch.utils.data.Dataset):
             "answer": encoded.answer,
         }
 
+    def sample_sizes(self) -> list[tuple[int, int]]:
+        """(tokens, images) of every sample, in index order, read from the text without decoding
+        an image: what packing plans rows with (data/packing.py). Must count what `_item` makes:
+        len(input_ids) and the rows of its images tensor."""
+        wanted = set(self.indices)
+        sizes = {}
+        for i, row in enumerate(_text_rows(self.rows)):
+            if i in wanted:
+                n_images = len(row_images(row))
+                sizes[i] = (len(self.encoder.encode(tuple(row_turns(row)), n_images).input_ids), n_images)
+        return [sizes[i] for i in self.indices]
+
 
 # ==================================================================== row loading
 

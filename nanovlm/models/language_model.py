@@ -12,6 +12,10 @@ stay per projection (`checkpoint.register_split_hooks`).
 Padding is on the left. As in transformers' `generate`, position ids count real tokens only
 (`cumsum(attention_mask) - 1`), so a padded row computes exactly what it would alone. A KV cache
 (`generation.KVCache`) makes the same forward serve prefill and decoding.
+
+Packed rows (several samples one after another, docs/packing.md) come with `sample_ids` [B, T]:
+positions restart at 0 where each sample starts, and a block-diagonal causal mask lets every
+token attend only to earlier tokens of its own sample, so each sample computes what it would alone.
 """
 
 from __future__ import annotations
@@ -165,11 +169,15 @@ class LanguageModel(nn.Module):
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, kv_cache=None, defer_last_mlp: bool = False,
-                ) -> torch.Tensor:
+                sample_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x: ids [B, T] or embeddings [B, T, D]. attention_mask [B, T] (1 = real token, padding on
         the left); with a cache it may also cover the cached positions ([B, cached + T]). Give
         None rather than all ones: no mask lets SDPA take its causal (flash) path.
         position_ids default to counting real tokens, after those in the cache.
+
+        sample_ids [B, T] (packed rows, no cache): which sample of its row each token belongs to
+        (constant along a sample; padding an id of its own). Tokens then attend only within their
+        sample (`packed_causal_mask`) and position_ids default to restarting at each sample.
 
         kv_cache: the new keys and values are stored in it, and every query attends to all it holds.
 
@@ -181,14 +189,20 @@ class LanguageModel(nn.Module):
             x = self.token_embedding(x)                                     # [B, T, D]
         B, T, _ = x.shape
         if kv_cache is None:
-            if attention_mask is not None and attention_mask.shape != (B, T):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected [B, T] = [{B}, {T}].")
+            for name, given in (("attention_mask", attention_mask), ("sample_ids", sample_ids)):
+                if given is not None and given.shape != (B, T):
+                    raise ValueError(f"{name} has shape {tuple(given.shape)}; expected [B, T] = [{B}, {T}].")
             key_mask = None if attention_mask is None else attention_mask.bool()
-            mask, is_causal = causal_mask(key_mask, T, 0, x.device)
-            positions = count_positions(attention_mask, B, T, x.device)
+            if sample_ids is None:
+                mask, is_causal = causal_mask(key_mask, T, 0, x.device)
+                positions = count_positions(attention_mask, B, T, x.device)
+            else:
+                mask, is_causal = packed_causal_mask(sample_ids, key_mask), False
+                positions = sample_positions(sample_ids)
         else:
-            if defer_last_mlp:
-                raise ValueError("defer_last_mlp is for training forwards; it cannot fill a KV cache.")
+            if defer_last_mlp or sample_ids is not None:
+                raise ValueError("defer_last_mlp and sample_ids are for training forwards; they cannot fill a "
+                                 "KV cache.")
             positions, mask, is_causal = kv_cache.append(attention_mask, T)   # reserves T slots per block
         cos, sin = self.rotary_embd(positions if position_ids is None else position_ids, x.dtype)
 
@@ -236,6 +250,30 @@ def causal_mask(key_mask: torch.Tensor | None, T: int, past: int, device) -> tup
     mask = causal[None, None] & key_mask[:, None, None, :]
     mask = mask | (keys[None, :] == queries[:, None])[None, None]
     return mask, False
+
+
+def sample_positions(sample_ids: torch.Tensor) -> torch.Tensor:
+    """RoPE positions [B, T] of packed rows: 0 at the first token of each sample, counting up
+    within it. sample_ids [B, T] is constant along a sample and changes where the next starts."""
+    index = torch.arange(sample_ids.shape[1], device=sample_ids.device).expand_as(sample_ids)
+    starts = torch.ones_like(sample_ids, dtype=torch.bool)
+    starts[:, 1:] = sample_ids[:, 1:] != sample_ids[:, :-1]
+    first = torch.where(starts, index, 0).cummax(dim=1).values                 # where each token's sample starts
+    return index - first
+
+
+def packed_causal_mask(sample_ids: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Block-diagonal causal SDPA mask [B, 1, T, T] (True = attend) of packed rows: query t sees
+    key j <= t of the same sample (sample_ids [B, T]) that is a real token (key_mask [B, T] or
+    None), and always itself (see `causal_mask`). nanoVLM packs under one causal mask, so its
+    later samples attend to the earlier ones; this mask keeps them apart."""
+    T = sample_ids.shape[1]
+    keys = torch.arange(T, device=sample_ids.device)
+    causal = keys[None, :] <= keys[:, None]                                     # [T, T]
+    mask = causal[None, None] & (sample_ids[:, None, :, None] == sample_ids[:, None, None, :])
+    if key_mask is not None:
+        mask = (mask & key_mask[:, None, None, :]) | (keys[None, :] == keys[:, None])[None, None]
+    return mask
 
 
 def _init_weights(module: nn.Module) -> None:

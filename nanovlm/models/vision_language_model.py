@@ -103,10 +103,15 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, images: Images = None, attention_mask: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None, return_logits: bool = True,
+                sample_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """input_ids [B, T]; images [N, 3, H, W] in placeholder order, or one [n_i, 3, H, W] per
         sample; attention_mask [B, T] (1 = real token, left padding); targets [B, T], already
         shifted, -100 = ignored. Returns (logits [B, T, V], loss or None).
+
+        Packed rows (`data.packing.PackedCollator`) add sample_ids [B, T] and position_ids [B, T]
+        (restarting per sample): each sample then attends only to itself (`LanguageModel.forward`),
+        and the loss is the mean over every supervised token of the batch, as unpacked.
 
         `return_logits=False` (training) returns (None, loss) and applies the last block's MLP, the
         final norm and the LM head only to the supervised positions: image tokens and prompts are
@@ -114,10 +119,11 @@ class VisionLanguageModel(nn.Module):
         decoder's largest single layer."""
         attention_mask = self.check_inputs(input_ids, images, attention_mask)
         embeds = self.embed(input_ids, images)                                  # [B, T, D]
+        packed = {"sample_ids": sample_ids, "position_ids": position_ids}
         if targets is not None and not return_logits:
-            attended = self.decoder(embeds, attention_mask=attention_mask, defer_last_mlp=True)
+            attended = self.decoder(embeds, attention_mask=attention_mask, defer_last_mlp=True, **packed)
             return None, self._supervised_loss(attended, targets)
-        logits = self.decoder.head(self.decoder(embeds, attention_mask=attention_mask))   # [B, T, V]
+        logits = self.decoder.head(self.decoder(embeds, attention_mask=attention_mask, **packed))   # [B, T, V]
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)

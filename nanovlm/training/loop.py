@@ -39,7 +39,7 @@ from nanovlm.training.hooks import TrainHooks
 from nanovlm.training.metrics import measured_peak_flops, step_metrics, vlm_flops
 from nanovlm.training.optim import (build_optimizer, build_scheduler, current_lrs, load_optimizer_state,
                                     trainable_parameters)
-from nanovlm.training.sampling import ResumableBatchSampler
+from nanovlm.training.sampling import PackedBatchSampler, ResumableBatchSampler
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,8 @@ def _count_images(images: Any) -> int:
 
 def _batch_flops(cfg: VLMConfig, batch: dict[str, Any]) -> float:
     """Analytic training FLOPs of a batch: each sample's real length (image tokens included)."""
+    if "sample_lengths" in batch:   # packed rows: each sample attends only to itself
+        return sum(vlm_flops(cfg, n, k) for n, k in zip(batch["sample_lengths"], batch["sample_images"]))
     lengths = batch["attention_mask"].sum(dim=1).tolist()
     images = batch.get("images")
     per_sample = ([_count_images(x) for x in images] if isinstance(images, list)
@@ -151,6 +153,28 @@ def _build_model(vlm_cfg: VLMConfig, train_cfg: TrainConfig, resume_dir: Path | 
         logger.warning("The model loaded from %s differs from the given VLMConfig in %s; "
                        "training continues with the checkpoint's config.", source, changed)
     return model
+
+
+def _packed_training_data(train_ds, vlm_cfg: VLMConfig, train_cfg: TrainConfig, tokenizer, rank: int,
+                          world_size: int, start_batch: int):
+    """(dataset, batch sampler, collator) that feed the loop packed rows (docs/packing.md)."""
+    from nanovlm.data.packing import PackedCollator, SampleGroups, sample_sizes
+
+    max_tokens = train_cfg.max_sample_length or vlm_cfg.lm_max_length
+    sampler = PackedBatchSampler(sample_sizes(train_ds), train_cfg.batch_size, train_cfg.seed, max_tokens,
+                                 train_cfg.max_images_per_knapsack, rank=rank, world_size=world_size,
+                                 start_batch=start_batch)
+    if sampler.skipped:
+        logger.warning("Packing skips %s of the %d training samples: they fit no row of max_sample_length=%d "
+                       "tokens and max_images_per_knapsack=%d images.", dict(sampler.skipped), len(train_ds),
+                       max_tokens, train_cfg.max_images_per_knapsack)
+    collator = PackedCollator(tokenizer.pad_token_id, max_tokens, train_cfg.max_images_per_knapsack)
+    return SampleGroups(train_ds), sampler, collator
+
+
+def _packed_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The forward's extra inputs of a packed batch: sample ids and per-sample positions."""
+    return {k: batch[k] for k in ("sample_ids", "position_ids") if k in batch}
 
 
 def _progress_bar(total: int, initial: int, rank: int):
@@ -231,12 +255,18 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None =
                               vlm_cfg.lm_chat_template)
     datasets = build_datasets(vlm_cfg, train_cfg, tokenizer, rank, world_size)
     train_ds, val_ds = datasets.train, datasets.val
-    collator = VQACollator(tokenizer, vlm_cfg.lm_max_length)
-    sampler = ResumableBatchSampler(len(train_ds), train_cfg.batch_size, train_cfg.seed,
-                                    rank=datasets.sampler_rank, world_size=datasets.sampler_world_size,
-                                    start_batch=batches_consumed)
+    collator = VQACollator(tokenizer, vlm_cfg.lm_max_length)   # evaluation's, and training's unless packing
+    if train_cfg.packing:
+        train_items, sampler, train_collate = _packed_training_data(
+            train_ds, vlm_cfg, train_cfg, tokenizer, datasets.sampler_rank, datasets.sampler_world_size,
+            batches_consumed)
+    else:
+        train_items, train_collate = train_ds, collator
+        sampler = ResumableBatchSampler(len(train_ds), train_cfg.batch_size, train_cfg.seed,
+                                        rank=datasets.sampler_rank, world_size=datasets.sampler_world_size,
+                                        start_batch=batches_consumed)
     loader = torch.utils.data.DataLoader(
-        train_ds, batch_sampler=sampler, collate_fn=collator, num_workers=train_cfg.dataloader_workers,
+        train_items, batch_sampler=sampler, collate_fn=train_collate, num_workers=train_cfg.dataloader_workers,
         pin_memory=device.type == "cuda", persistent_workers=train_cfg.dataloader_workers > 0,
         # a private generator: creating the iterator must not draw from the global RNG
         generator=torch.Generator().manual_seed(train_cfg.seed))
@@ -283,7 +313,7 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None =
             step_start = time.perf_counter()
             data_wait = 0.0
             loss_sum = 0.0
-            tokens = samples = images = 0
+            tokens = positions = samples = images = 0
             flops = 0.0
             bad: str | None = None
             for micro in range(accumulation):
@@ -299,7 +329,7 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None =
                     with autocast():
                         _, loss = train_model(batch["input_ids"], batch.get("images"),
                                               attention_mask=batch["attention_mask"], targets=batch["labels"],
-                                              return_logits=False)
+                                              return_logits=False, **_packed_inputs(batch))
                     loss_value = float(loss.detach())
                     if not math.isfinite(loss_value) and bad is None:
                         bad = (f"loss={loss_value} on micro-batch {micro + 1}/{accumulation} "
@@ -308,8 +338,9 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None =
                     # every rank still runs backward, so DDP's all-reduce cannot hang on one rank's NaN
                     (loss / accumulation).backward()
                 loss_sum += loss_value
-                tokens += int(batch["attention_mask"].sum())
-                samples += int(batch["input_ids"].shape[0])
+                tokens += int(batch["attention_mask"].sum())   # real tokens, not padding
+                positions += batch["input_ids"].numel()
+                samples += len(batch.get("sample_lengths", batch["input_ids"]))
                 images += _count_images(batch.get("images"))
                 flops += _batch_flops(vlm_cfg, batch)
 
@@ -334,8 +365,8 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None =
 
             metrics = step_metrics(
                 loss=loss_sum / accumulation, lrs=lrs, grad_norm=grad_norm, step_time=step_time,
-                data_wait=data_wait, local_tokens=tokens, local_samples=samples, local_images=images,
-                local_flops=flops, peak_flops=peak, device=device)
+                data_wait=data_wait, local_tokens=tokens, local_positions=positions, local_samples=samples,
+                local_images=images, local_flops=flops, peak_flops=peak, device=device)
             totals["time"] += step_time
             totals["tokens"] += metrics["tokens_per_second"] * step_time
             totals["samples"] += metrics["samples_per_second"] * step_time

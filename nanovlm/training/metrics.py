@@ -76,11 +76,15 @@ def global_sum(values: list[float], device: torch.device) -> list[float]:
 
 def step_metrics(*, loss: float, lrs: dict[str, float], grad_norm: float, step_time: float,
                  data_wait: float, local_tokens: int, local_samples: int, local_images: int,
-                 local_flops: float, peak_flops: float, device: torch.device) -> dict[str, float]:
+                 local_flops: float, peak_flops: float, device: torch.device,
+                 local_positions: int | None = None) -> dict[str, float]:
     """The per-step metrics of docs/design.md. Counts are summed over workers (global
-    throughput); `tokens_per_second_per_worker` is this worker's own rate."""
-    tokens, samples, images, flops, workers = global_sum(
-        [local_tokens, local_samples, local_images, local_flops, 1.0], device)
+    throughput); `tokens_per_second_per_worker` is this worker's own rate. Tokens are real
+    tokens; `local_positions` counts the batch's positions, padding included (default: no padding),
+    and `padding_fraction` = (positions - tokens) / positions."""
+    positions = local_tokens if local_positions is None else local_positions
+    tokens, positions, samples, images, flops, workers = global_sum(
+        [local_tokens, positions, local_samples, local_images, local_flops, 1.0], device)
     step_time = max(step_time, 1e-9)
     return {
         "loss": float(loss),
@@ -88,6 +92,7 @@ def step_metrics(*, loss: float, lrs: dict[str, float], grad_norm: float, step_t
         "grad_norm": float(grad_norm),
         "tokens_per_second": tokens / step_time,
         "tokens_per_second_per_worker": local_tokens / step_time,
+        "padding_fraction": (positions - tokens) / positions if positions else 0.0,
         "samples_per_second": samples / step_time,
         "images_per_second": images / step_time,
         "step_time": float(step_time),
