@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanovlm.data import VQADataset, get_image_processor
+from nanovlm.data import VQADataset
+from nanovlm.data.processors import image_processor_for
 from nanovlm.data.packing import PAD_SAMPLE_ID, PackedCollator, SampleGroups, greedy_knapsack, item_size
 from nanovlm.data.shapes import ShapesRows
 from nanovlm.models import VisionLanguageModel
@@ -142,7 +143,7 @@ def dataset(tiny_cfg, tokenizer):
     for seed, n_images in enumerate([1, 0, 2, 3, 1, 0, 2, 1]):
         shape_rows = [ShapesRows("train", 1, seed=10 * seed + k, max_objects=3)[0] for k in range(max(n_images, 1))]
         rows.append({"images": [r["images"][0] for r in shape_rows][:n_images], "texts": shape_rows[0]["texts"]})
-    return VQADataset(rows, tokenizer, get_image_processor(tiny_cfg.vit_img_size), tiny_cfg)
+    return VQADataset(rows, tokenizer, image_processor_for(tiny_cfg), tiny_cfg)
 
 
 def test_dataset_sizes_read_from_the_text_match_the_loaded_items(dataset):
@@ -218,3 +219,22 @@ def test_training_with_packing_reports_real_tokens_and_padding(tmp_path):
     for metrics in steps.values():
         assert 0 <= metrics["padding_fraction"] < 0.5
         assert metrics["samples_per_second"] > 2 * metrics["step_time"] ** -1   # more samples than rows
+
+
+def test_sizes_count_the_tiles_and_image_string_of_split_images(tiny_cfg):
+    from PIL import Image
+
+    from nanovlm.config import image_split_tokens
+    from nanovlm.data.processors import get_tokenizer
+
+    tokens = {"image_token": "<|image|>", **image_split_tokens(2)}
+    cfg = tiny_cfg.replace(max_img_size=96, vlm_extra_tokens=tokens, extra_token_amount=len(tokens),
+                           lm_vocab_size=512 + len(tokens), lm_max_length=512).validate()
+    tokenizer = get_tokenizer(cfg.lm_tokenizer, cfg.vlm_extra_tokens, cfg.lm_chat_template)
+    texts = [{"user": "Describe the image.", "assistant": "a red circle"}]
+    shapes = [[(96, 40)], [(30, 90), (48, 48)], [(20, 20)], []]            # wide, tall + one tile, small, none
+    rows = [{"images": [Image.new("RGB", size, "red") for size in sizes], "texts": texts} for sizes in shapes]
+    dataset = VQADataset(rows, tokenizer, image_processor_for(cfg), cfg)
+    sizes = dataset.sample_sizes()
+    assert sizes == [item_size(dataset[k]) for k in range(len(dataset))]
+    assert [images for _, images in sizes] == [3, 4, 1, 0]                  # 2 tiles + global; 2 + global, 1; 1; 0
