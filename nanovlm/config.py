@@ -315,7 +315,7 @@ class TrainConfig(_Serialised):
     tokenizer_path: Optional[str] = None  # overrides VLMConfig.lm_tokenizer (e.g. a locally trained one)
     dataloader_workers: int = 0
 
-    # --- packing (docs/packing.md) ---
+    # --- packing (docs/data.md, Packing) ---
     packing: bool = True                  # whole samples packed into rows, each attending only to itself
     max_sample_length: Optional[int] = None  # tokens per packed row; None -> VLMConfig.lm_max_length
     max_images_per_knapsack: int = 18     # images per packed row (rows of the samples' image tensors)

@@ -13,7 +13,7 @@ Padding is on the left. As in transformers' `generate`, position ids count real 
 (`cumsum(attention_mask) - 1`), so a padded row computes exactly what it would alone. A KV cache
 (`generation.KVCache`) makes the same forward serve prefill and decoding.
 
-Packed rows (several samples one after another, docs/packing.md) come with `sample_ids` [B, T]:
+Packed rows (several samples one after another, docs/data.md, Packing) come with `sample_ids` [B, T]:
 positions restart at 0 where each sample starts, and a block-diagonal causal mask lets every
 token attend only to earlier tokens of its own sample, so each sample computes what it would alone.
 """

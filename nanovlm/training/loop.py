@@ -157,7 +157,7 @@ def _build_model(vlm_cfg: VLMConfig, train_cfg: TrainConfig, resume_dir: Path | 
 
 def _packed_training_data(train_ds, vlm_cfg: VLMConfig, train_cfg: TrainConfig, tokenizer, rank: int,
                           world_size: int, start_batch: int):
-    """(dataset, batch sampler, collator) that feed the loop packed rows (docs/packing.md)."""
+    """(dataset, batch sampler, collator) that feed the loop packed rows (docs/data.md, Packing)."""
     from nanovlm.data.packing import PackedCollator, SampleGroups, sample_sizes
 
     max_tokens = train_cfg.max_sample_length or vlm_cfg.lm_max_length
