@@ -318,7 +318,7 @@ class TrainConfig(_Serialised):
     # --- packing (docs/data.md, Packing) ---
     packing: bool = True                  # whole samples packed into rows, each attending only to itself
     max_sample_length: Optional[int] = None  # tokens per packed row; None -> VLMConfig.lm_max_length
-    max_images_per_knapsack: int = 18     # images per packed row (rows of the samples' image tensors)
+    max_images_per_knapsack: int = 18     # images per packed row (images, not their tiles)
 
     # --- evaluation, logging, checkpoints ---
     eval_interval: int = 250

@@ -237,4 +237,5 @@ def test_sizes_count_the_tiles_and_image_string_of_split_images(tiny_cfg):
     dataset = VQADataset(rows, tokenizer, image_processor_for(cfg), cfg)
     sizes = dataset.sample_sizes()
     assert sizes == [item_size(dataset[k]) for k in range(len(dataset))]
-    assert [images for _, images in sizes] == [3, 4, 1, 0]                  # 2 tiles + global; 2 + global, 1; 1; 0
+    assert [images for _, images in sizes] == [1, 2, 1, 0]                  # images, not their tiles
+    assert [dataset[k]["images"].shape[0] for k in range(len(dataset))] == [3, 4, 1, 0]   # 2 + global; 2 + global, 1

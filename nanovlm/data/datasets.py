@@ -274,17 +274,15 @@ class VQADataset(torch.utils.data.Dataset):
         }
 
     def sample_sizes(self) -> list[tuple[int, int]]:
-        """(tokens, image tiles) of every sample, in index order, from the text and the images'
-        sizes without decoding a pixel: what packing plans rows with (data/packing.py). Must count
-        what `_item` makes: len(input_ids) and the rows of its images tensor (tiles and global views)."""
+        """(tokens, images) of every sample, in index order, from the text and the images' sizes
+        without decoding a pixel: what packing plans rows with (data/packing.py). Must count what
+        `_item` makes: len(input_ids), and its images (not their tiles, as nanoVLM counts them)."""
         wanted = set(self.indices)
-        global_view = int(self.image_processor.with_global_view)
         sizes = {}
         for i, row in enumerate(_text_rows(self.rows)):
             if i in wanted:
                 grids = self._grids(row_images(row))
-                tokens = len(self.encoder.encode(tuple(row_turns(row)), grids).input_ids)
-                sizes[i] = (tokens, sum(r * c + (global_view if r * c > 1 else 0) for r, c in grids))
+                sizes[i] = (len(self.encoder.encode(tuple(row_turns(row)), grids).input_ids), len(grids))
         return [sizes[i] for i in self.indices]
 
 

@@ -74,14 +74,17 @@ def greedy_knapsack(sizes: Sequence[tuple[int, int]], max_tokens: int, max_image
 def sample_sizes(dataset) -> list[tuple[int, int]]:
     """(tokens, images) of every sample of `dataset`: its own `sample_sizes()` where it has one
     (VQADataset: from the text, no image decoded), else by loading every item. Images are counted
-    as the rows of an item's `images` tensor, whatever the image pipeline makes of one image."""
+    as images, not as the tiles the pipeline cuts each into (nanoVLM's max_images_per_knapsack
+    counts an item's list of images)."""
     if hasattr(dataset, "sample_sizes"):
         return list(dataset.sample_sizes())
     return [item_size(dataset[k]) for k in range(len(dataset))]
 
 
 def item_size(item: dict[str, Any]) -> tuple[int, int]:
-    return len(item["input_ids"]), int(item["images"].shape[0])
+    """(tokens, images) of one item: its tile grids count its images where it has them."""
+    images = len(item["grids"]) if "grids" in item else int(item["images"].shape[0])
+    return len(item["input_ids"]), images
 
 
 class SampleGroups(torch.utils.data.Dataset):
@@ -103,8 +106,9 @@ class PackedCollator:
     Batch keys: `input_ids`, `labels` (-100 on padding; each sample's own shifted labels),
     `attention_mask` (1 = real token), `position_ids` (0, 1, ... within each sample, 0 on padding),
     `sample_ids` (0, 1, ... per sample of a row, PAD_SAMPLE_ID on padding), all [B, T];
-    `images` [N, 3, H, W] in placeholder order (row by row) or None; `sample_lengths` and
-    `sample_images` (lists, one entry per sample, row by row: FLOPs and sample counts).
+    `images` [N, 3, H, W] (every tile) in placeholder order (row by row) or None; `sample_lengths`
+    and `sample_images` (lists, one entry per sample, row by row: tokens and tiles, for FLOPs and
+    sample counts).
 
     The sampler planned each row from `sample_sizes`; an item that comes out larger (an unreadable
     image replaced by another sample, or sizes that disagree with the image pipeline) and no longer
