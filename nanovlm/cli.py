@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "sweep": "run a Ray Tune sweep described by a YAML file",
     "bench": "run a benchmark: compare with transformers, the GPU check, or a benchmark grid",
     "dashboard": "start the MLflow UI on 127.0.0.1 over the default store",
+    "tracking": "send to MLflow what a run's journal holds after the store was unreachable (sync DIR)",
 }
 
 

@@ -251,16 +251,20 @@ def run_training(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Opt
     trainer = build_trainer(vlm_cfg, train_cfg, run_name=name, preset_name=preset_name,
                             tracking_spec=spec, storage_path=storage, worker_env=worker_env, resume_from=checkpoint)
     status = "FAILED"
+    pending = None
     try:
         result = trainer.fit()
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     except ray.train.TrainingFailedError as exc:
         raise RuntimeError(
             f"Training run {name!r} failed: {exc}. Its checkpoints are in {run_dir(storage, name)}; run again "
             f"with --run-name {name} to resume from the latest one.") from exc
     finally:
         if spec is not None:
-            tracking.terminate_run(spec["run_id"], status, uri)
+            pending = end_tracked_run(spec, train_cfg.output_dir, status)
 
     summary_path = Path(train_cfg.output_dir) / "summary.json"
     summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.exists() else {}
@@ -272,6 +276,18 @@ def run_training(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Opt
         "ray_checkpoint": result.checkpoint.path if result.checkpoint else None,
         "mlflow_run_id": spec and spec["run_id"],
         "tracking_uri": uri,
+        "tracking_pending": str(pending) if pending else None,
         "resumed": resuming,
     })
     return summary
+
+
+def end_tracked_run(spec: dict[str, Any], output_dir: str, status: str) -> Optional[Path]:
+    """End the driver's MLflow run with `status` once the workers are gone, sending first what
+    rank 0's journal still holds (a rank 0 that was killed, or gave up on a store that was
+    down). Returns the journal's directory if the store did not take everything (the status
+    included), else None: the run is never left RUNNING without a journal that says how it ended."""
+    from nanovlm.tracking_journal import JournaledRun
+
+    run = JournaledRun(spec["run_id"], spec["uri"], output_dir)
+    return run.close(status)

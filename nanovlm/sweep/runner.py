@@ -14,6 +14,7 @@ Train storage), `results/` (table, best config, plots).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -281,6 +282,21 @@ def default_storage() -> Path:
     return tracking.nanovlm_home() / "sweeps"
 
 
+def new_sweep_dir(storage: Path, name: str) -> Path:
+    """Create `<storage>/<name>-<date>-<time>`, or `...-2`, `-3`, ... when sweeps of that name
+    started in the same second: `mkdir` either creates the directory or fails, so concurrent
+    sweeps never share one."""
+    storage.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in itertools.count(1):
+        path = storage / (stem if n == 1 else f"{stem}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
 def find_resumable(spec_name: str, storage: Path) -> Path:
     """The most recent sweep directory of `spec_name` under `storage`."""
     candidates = sorted((p for p in storage.glob(f"{spec_name}-*") if (p / STATE_FILE).exists()),
@@ -304,8 +320,7 @@ def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
         spec = state.spec()  # the space as it was when the sweep started
     else:
         storage = Path(storage_path or spec.storage_path or default_storage()).expanduser().resolve()
-        sweep_dir = storage / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        sweep_dir.mkdir(parents=True, exist_ok=False)
+        sweep_dir = new_sweep_dir(storage, spec.name)
         state = SweepState(sweep_dir / STATE_FILE, {
             "spec_name": spec.name, "space_path": spec.source_path, "space_text": spec.source_text or "",
             "extra_overrides": spec.extra_overrides, "trials": {}})
