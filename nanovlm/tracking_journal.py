@@ -2,14 +2,15 @@
 on disk, sent to MLflow by a background thread.
 
     training thread (rank 0)                         background thread "nanovlm-mlflow"
-    log_metrics(step) -> one line appended to ──►    metrics.jsonl ──► log_batch (<= 1000 values each)
-                         metrics.jsonl (one write)   retries with backoff while the store is down
-    log_artifact(s), close(status) -> run.json ──►   log_artifacts, then set_terminated
+    log_metrics(step) ─ one write() ─► metrics.jsonl ─► log_batch (<= 1000 values each), retried
+                                                         with backoff while the store is down
+    set_tags, log_artifact(s), close(status) ─► run.json ─► tags, artifacts, then set_terminated
 
 Files, in `output_dir/mlflow_journal/<run_id>/`:
 
-    run.json       {"run_id", "tracking_uri", "artifacts": [[local path, artifact path or null], ...],
-                    "status": null | "FINISHED" | "FAILED" | "KILLED", "status_sent": bool,
+    run.json       {"run_id", "tracking_uri", "tags": {key: value}, "artifacts": [[local path,
+                    artifact path or null], ...], "status": null | "FINISHED" | "FAILED" | "KILLED",
+                    "status_sent": bool,
                     "last_steps": {key: step}}            (requests not yet carried out, and history)
     metrics.jsonl  {"step": 12, "timestamp": <ms>, "metrics": {"loss": 2.31, ...}}, one line per log call
     sent.json      {"offset": <bytes of metrics.jsonl that MLflow has confirmed>}
@@ -90,20 +91,22 @@ class RunJournal:
         self._mutex = threading.Lock()
         self._closed = False
         self._metrics_path = self.dir / "metrics.jsonl"
-        self._lock_fd = _lock(self.dir, create=run_id is not None, wait_s=wait_s, must_lock=must_lock)
+        self._lock_fd, locked = _lock(self.dir, create=run_id is not None, wait_s=wait_s, must_lock=must_lock)
         run = _read_json(self.dir / "run.json")
         if run is None:
             if run_id is None:
                 os.close(self._lock_fd)
                 raise FileNotFoundError(f"{self.dir} is not an MLflow journal (no run.json).")
-            run = {"run_id": run_id, "tracking_uri": uri, "artifacts": [], "status": None, "status_sent": False,
-                   "last_steps": {}}
+            run = {"run_id": run_id, "tracking_uri": uri, "tags": {}, "artifacts": [], "status": None,
+                   "status_sent": False, "last_steps": {}}
         self.run = run
+        run.setdefault("tags", {})
         self.run_id: str = run["run_id"]
         self.uri: str = run["tracking_uri"]
         self.sent = int((_read_json(self.dir / "sent.json") or {}).get("offset", 0))
         self._fd = os.open(self._metrics_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        self._drop_partial_line()
+        if locked:  # else the line may be one that its writer is still writing
+            self._drop_partial_line()
         self.last_steps: dict[str, int] = {k: int(v) for k, v in run.get("last_steps", {}).items()}
         for entry in self._entries(0, None)[0]:
             for key in entry["metrics"]:
@@ -138,7 +141,25 @@ class RunJournal:
             self.sent = offset
             _write_json(self.dir / "sent.json", {"offset": offset})
 
-    # ---- artifacts and the end status
+    # ---- tags, artifacts and the end status
+    def add_tags(self, tags: dict[str, str]) -> None:
+        with self._mutex:
+            self.run["tags"].update({k: str(v) for k, v in tags.items()})
+            self._save_run()
+
+    def tags(self) -> dict[str, str]:
+        with self._mutex:
+            return dict(self.run["tags"])
+
+    def tags_sent(self, tags: dict[str, str]) -> None:
+        with self._mutex:
+            if self._closed:
+                return
+            for key, value in tags.items():
+                if self.run["tags"].get(key) == value:
+                    del self.run["tags"][key]
+            self._save_run()
+
     def add_artifact(self, local_path: str | Path, artifact_path: Optional[str]) -> None:
         with self._mutex:
             self.run["artifacts"].append([str(Path(local_path).resolve()), artifact_path])
@@ -176,7 +197,7 @@ class RunJournal:
     def pending(self) -> bool:
         """Whether MLflow lacks anything this journal holds."""
         with self._mutex:
-            return (self.sent < os.fstat(self._fd).st_size or bool(self.run["artifacts"])
+            return (self.sent < os.fstat(self._fd).st_size or bool(self.run["tags"]) or bool(self.run["artifacts"])
                     or (self.run["status"] is not None and not self.run["status_sent"]))
 
     def describe_pending(self) -> str:
@@ -186,6 +207,8 @@ class RunJournal:
         if entries:
             n = sum(len(e["metrics"]) for e in entries)
             parts.append(f"{n} metric values (steps {entries[0]['step']}-{max(e['step'] for e in entries)})")
+        if self.run["tags"]:
+            parts.append(f"{len(self.run['tags'])} tags")
         if self.run["artifacts"]:
             parts.append(f"{len(self.run['artifacts'])} artifacts")
         if self.unsent_status():
@@ -250,7 +273,7 @@ class RunJournal:
             os.ftruncate(self._fd, data.rfind(b"\n") + 1)
 
 
-def _lock(directory: Path, *, create: bool, wait_s: float, must_lock: bool) -> int:
+def _lock(directory: Path, *, create: bool, wait_s: float, must_lock: bool) -> tuple[int, bool]:
     """Take the journal's flock (waiting up to `wait_s`); if another process holds it, raise
     `JournalBusy` naming it, or with `must_lock=False` log that and go on without the lock."""
     if create:
@@ -270,13 +293,13 @@ def _lock(directory: Path, *, create: bool, wait_s: float, must_lock: bool) -> i
                            "sync it once that run has ended.")
                 if not must_lock:  # a process that should be gone by now; both journal the same steps
                     logger.warning("%s Writing it anyway.", message)
-                    return fd
+                    return fd, False
                 os.close(fd)
                 raise JournalBusy(message) from None
             time.sleep(0.2)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+    return fd, True
 
 
 def _read_json(path: Path) -> Optional[dict[str, Any]]:
@@ -292,9 +315,9 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 # ==================================================================== sending
 
 def send_pending(journal: RunJournal, client, should_stop: Callable[[], bool] = lambda: False) -> None:
-    """Send what MLflow lacks: the metrics in batches, then the artifacts, then the end status.
-    Raises the store's first error; what went through is marked, so calling again continues."""
-    from mlflow.entities import Metric
+    """Send what MLflow lacks: the metrics in batches, the tags, the artifacts, then the end
+    status. Raises the store's first error; what went through is marked, so calling again continues."""
+    from mlflow.entities import Metric, RunTag
 
     while not should_stop():
         entries, end = journal.unsent()
@@ -305,6 +328,10 @@ def send_pending(journal: RunJournal, client, should_stop: Callable[[], bool] = 
         for i in range(0, len(metrics), BATCH_METRICS):
             client.log_batch(journal.run_id, metrics=metrics[i:i + BATCH_METRICS])
         journal.mark_sent(end)
+    tags = journal.tags()
+    if tags and not should_stop():
+        client.log_batch(journal.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        journal.tags_sent(tags)
     for local_path, artifact_path in journal.artifacts():
         if should_stop():
             return
@@ -351,6 +378,10 @@ class JournaledRun:
             self.journal.append(step, new)
         if step % self.flush_every == 0:
             self._wake.set()
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.journal.add_tags(tags)
+        self._wake.set()
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: Optional[str] = None) -> None:
         self.journal.add_artifact(local_dir, artifact_path)
@@ -442,6 +473,21 @@ def find_journals(path: str | Path) -> list[Path]:
     if path.name == JOURNAL_DIRNAME:
         return sorted(p.parent for p in path.glob("*/run.json"))
     return sorted(p.parent for p in path.glob(f"**/{JOURNAL_DIRNAME}/*/run.json"))
+
+
+def pending_journals(path: str | Path) -> list[Path]:
+    """The journals under `path` that hold something MLflow lacks (or that a live process writes)."""
+    pending = []
+    for directory in find_journals(path):
+        try:
+            journal = RunJournal(directory)
+        except JournalBusy:
+            pending.append(directory)
+            continue
+        if journal.pending():
+            pending.append(directory)
+        journal.close()
+    return pending
 
 
 def sync(path: str | Path, uri: Optional[str] = None) -> list[SyncResult]:

@@ -7,20 +7,18 @@ The outage tests run a real `mlflow server` (loopback, a free port) that they st
 run this module under `flock /tmp/nanovlm-ray.lock`."""
 
 import os
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from nanovlm import tracking
 from nanovlm.cli import main
-from nanovlm.commands.dashboard import server_command, server_env
+from nanovlm.commands.dashboard import MlflowServer
 from nanovlm.config import configs_to_dict, preset
 from nanovlm.distributed.worker import kill_points
 from nanovlm.sweep.runner import new_sweep_dir
@@ -150,45 +148,16 @@ def test_three_commands_started_at_once_on_a_fresh_sqlite_store(tmp_path):
 
 # ----------------------------------------------------------------------------- a tracking server that goes down
 
-class MlflowServer:
-    """`mlflow server` on 127.0.0.1:<free port> over a SQLite file; stop() and start() again."""
-
-    def __init__(self, root: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.command = server_command(f"sqlite:///{root / 'server.db'}", self.port)
-        self.process = None
-
-    def start(self, timeout_s=120):
-        self.process = subprocess.Popen(self.command, env=server_env(), start_new_session=True,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        give_up = time.monotonic() + timeout_s
-        while time.monotonic() < give_up:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2).close()
-                return
-            except OSError:
-                time.sleep(0.3)
-        raise TimeoutError(f"mlflow server on {self.uri} did not answer within {timeout_s} s")
-
-    def stop(self):
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("server"))
+def server(store):
+    """A server over the module's store (its tables exist: the server starts faster)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = MlflowServer(store, port)
     server.start()
     yield server
-    if server.process.poll() is None:
-        server.stop()
+    server.stop()
 
 
 STEPS = 24
@@ -203,7 +172,7 @@ def _train_with_outage(server, out, monkeypatch, *, down_at, up_at=None):
     def on_step(hooks, step, metrics):
         start = time.perf_counter()
         log_step(hooks, step, metrics)
-        if server.process.poll() is not None:
+        if not server.running():
             slowest[0] = max(slowest[0], time.perf_counter() - start)
         if step == down_at:
             server.stop()
@@ -211,7 +180,7 @@ def _train_with_outage(server, out, monkeypatch, *, down_at, up_at=None):
             server.start()
 
     monkeypatch.setattr(MlflowHooks, "on_step", on_step)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.address)
     code = main(["train", "--preset", "tiny", *set_arguments(log_interval=2), "--max-steps", str(STEPS),
                  "--output", str(out), "--experiment", "outage", "--run-name", out.name])
     return code, slowest[0]
@@ -227,9 +196,9 @@ def test_a_store_down_for_the_middle_third_loses_nothing_and_never_blocks_a_step
     code, slowest = _train_with_outage(server, tmp_path / "middle", monkeypatch, down_at=STEPS // 3,
                                        up_at=2 * STEPS // 3)
     assert code == 0
-    run_id = _run_id(server.uri, "middle")
-    assert [s for s, _ in _history(server.uri, run_id)] == list(range(1, STEPS + 1))
-    assert tracking._client(server.uri).get_run(run_id).info.status == "FINISHED"
+    run_id = _run_id(server.address, "middle")
+    assert [s for s, _ in _history(server.address, run_id)] == list(range(1, STEPS + 1))
+    assert tracking._client(server.address).get_run(run_id).info.status == "FINISHED"
     assert slowest < 0.5  # a failed send once held a step for ~4 s of retries
 
 
@@ -248,10 +217,10 @@ def test_a_store_down_to_the_end_exits_3_keeps_everything_and_sync_sends_it(serv
 
     server.start()
     assert main(["tracking", "sync", str(out)]) == 0
-    client = tracking._client(server.uri)
-    run_id = _run_id(server.uri, "to-the-end")
-    assert [s for s, _ in _history(server.uri, run_id)] == list(range(1, STEPS + 1))
+    client = tracking._client(server.address)
+    run_id = _run_id(server.address, "to-the-end")
+    assert [s for s, _ in _history(server.address, run_id)] == list(range(1, STEPS + 1))
     assert client.get_run(run_id).info.status == "FINISHED"
     assert {"checkpoint", "summary.json"} <= {f.path for f in client.list_artifacts(run_id)}
     assert main(["tracking", "sync", str(out)]) == 0  # again: nothing left, nothing doubled
-    assert len(_history(server.uri, run_id)) == STEPS
+    assert len(_history(server.address, run_id)) == STEPS

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 from nanovlm.config import ConfigError
@@ -62,6 +63,11 @@ def run(args: argparse.Namespace) -> int:
 
     outcome = run_sweep(spec, resume_dir=resume_dir, storage_path=args.storage_path, ray_address=args.address)
     print_outcome(outcome)
+    if outcome.tracking_pending:
+        print(f"nanovlm sweep: the MLflow store {outcome.tracking_uri} did not take everything; "
+              f"{len(outcome.tracking_pending)} run journal(s) hold the rest. When the store answers, send it with: "
+              f"nanovlm tracking sync {outcome.sweep_dir}", file=sys.stderr)
+        return 3
     return 1 if outcome.interrupted else 0
 
 
