@@ -91,7 +91,8 @@ class RunJournal:
         self._mutex = threading.Lock()
         self._closed = False
         self._metrics_path = self.dir / "metrics.jsonl"
-        self._lock_fd, locked = _lock(self.dir, create=run_id is not None, wait_s=wait_s, must_lock=must_lock)
+        self._lock_fd, self._locked = _lock(self.dir, create=run_id is not None, wait_s=wait_s,
+                                            must_lock=must_lock)
         run = _read_json(self.dir / "run.json")
         if run is None:
             if run_id is None:
@@ -105,7 +106,7 @@ class RunJournal:
         self.uri: str = run["tracking_uri"]
         self.sent = int((_read_json(self.dir / "sent.json") or {}).get("offset", 0))
         self._fd = os.open(self._metrics_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        if locked:  # else the line may be one that its writer is still writing
+        if self._locked:  # else the line may be one that its writer is still writing
             self._drop_partial_line()
         self.last_steps: dict[str, int] = {k: int(v) for k, v in run.get("last_steps", {}).items()}
         for entry in self._entries(0, None)[0]:
@@ -216,9 +217,10 @@ class RunJournal:
         return ", ".join(parts) or "nothing"
 
     def compact(self) -> None:
-        """Once MLflow has every line: keep only the last step per key (the re-log rule's memory)."""
+        """Once MLflow has every line: keep only the last step per key (the re-log rule's memory).
+        Only by the lock's holder: another writer could be appending."""
         with self._mutex:
-            if self.sent < os.fstat(self._fd).st_size:
+            if not self._locked or self.sent < os.fstat(self._fd).st_size:
                 return
             self.run["last_steps"] = dict(self.last_steps)
             self._save_run()

@@ -7,6 +7,7 @@ The outage tests run a real `mlflow server` (loopback, a free port) that they st
 run this module under `flock /tmp/nanovlm-ray.lock`."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 from nanovlm import tracking
 from nanovlm.cli import main
 from nanovlm.commands.dashboard import MlflowServer
+from nanovlm.commands.train import sigterm_as_interrupt
 from nanovlm.config import configs_to_dict, preset
 from nanovlm.distributed.worker import kill_points
 from nanovlm.sweep.runner import new_sweep_dir
@@ -108,6 +110,15 @@ def test_kill_points_take_several_rank_step_pairs():
     assert kill_points("1:5") == {(1, 5)}
     with pytest.raises(ValueError, match="RANK:STEP"):
         kill_points("0-3")
+
+
+def test_sigterm_stops_training_like_ctrl_c_so_the_run_ends_killed():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_sweeps_of_one_name_started_in_the_same_second_get_their_own_directories(tmp_path):
