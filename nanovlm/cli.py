@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not args.verbose:  # a retry line per failed MLflow request; the tracking journal reports an outage once
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     module = importlib.import_module(f"nanovlm.commands.{args.command}")
     try:
         return int(module.run(args) or 0)
