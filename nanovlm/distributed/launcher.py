@@ -289,5 +289,11 @@ def end_tracked_run(spec: dict[str, Any], output_dir: str, status: str) -> Optio
     included), else None: the run is never left RUNNING without a journal that says how it ended."""
     from nanovlm.tracking_journal import JournaledRun
 
-    run = JournaledRun(spec["run_id"], spec["uri"], output_dir)
+    try:
+        run = JournaledRun(spec["run_id"], spec["uri"], output_dir)
+    except OSError as exc:  # output_dir unusable here (another node's path?): end the run directly
+        logger.warning("Cannot open the MLflow journal in %s (%s); ending run %s directly.", output_dir, exc,
+                       spec["run_id"])
+        tracking.TrackingRun(spec["run_id"], spec["uri"]).end(status)
+        return None
     return run.close(status)
