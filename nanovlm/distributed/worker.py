@@ -50,8 +50,8 @@ import torch
 
 from nanovlm import tracking
 from nanovlm.config import TrainConfig, VLMConfig, configs_from_dict
-from nanovlm.training.metrics import global_sum
 from nanovlm.tracking_journal import JournaledRun
+from nanovlm.training.metrics import global_sum
 from nanovlm.training.tracked import MlflowHooks
 
 logger = logging.getLogger(__name__)
