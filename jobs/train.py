@@ -8,7 +8,8 @@ Same arguments and path as `nanovlm train` (`python jobs/train.py --help`): Ray 
 submitted job it connects to that cluster (RAY_ADDRESS); run directly it connects to the latest
 local cluster or starts one on 127.0.0.1. The MLflow store is MLFLOW_TRACKING_URI if the job's
 runtime env sets it, else the SQLite file under $NANOVLM_HOME or ~/.nanovlm on the node that
-runs the job. Prints the run's summary as JSON; exits 2 with a message on bad input.
+runs the job. Prints the run's summary as JSON; exits 2 with a message on bad input, 3 when the
+MLflow store did not take everything (the job then shows FAILED; `nanovlm tracking sync` sends the rest).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ SUBCOMMANDS = {
     "sweep": "run a Ray Tune sweep described by a YAML file",
     "bench": "run a benchmark: compare with transformers, the GPU check, or a benchmark grid",
     "dashboard": "start the MLflow UI on 127.0.0.1 over the default store",
+    "tracking": "send to MLflow what a run's journal holds after the store was unreachable (sync DIR)",
 }
 # Bad input a person can fix (exit status 2), by qualified class name so that checking an error
 # imports nothing; subclasses count too. Messages name the file or field and what would be valid.
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not args.verbose:  # a retry line per failed MLflow request; the tracking journal reports an outage once
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     try:
         return int(importlib.import_module(f"nanovlm.commands.{args.command}").run(args) or 0)
     except KeyboardInterrupt:

@@ -11,11 +11,15 @@ who ran it from where (MLflow's own `mlflow.user`, `mlflow.source.*`), and which
 dataset, world size and device produced it. Each checkpoint holds a run record
 (`mlflow_run.json`), so that resuming from it continues the same MLflow run. Experiments are
 tagged as model training, so the MLflow UI opens them on their runs. `check_tracking_store`
-fails fast with a clear message before training; after that, `TrackingRun` logs and swallows errors.
+fails fast with a clear message before training. During training, metrics go through a journal
+on disk and a background thread (`nanovlm.tracking_journal`); `TrackingRun` here is the small
+fail-soft client of the processes around training (sweep controller, benchmark grids).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -130,12 +134,43 @@ def _mlflow_version() -> str:
     return version("mlflow")
 
 
+_OPENED_SQLITE: set[str] = set()   # SQLite URIs this process has opened (MLflow caches the store)
+
+
 def _client(uri: str):
     # Servers: fail within seconds instead of MLflow's default of 7 retries with backoff.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     from mlflow.tracking import MlflowClient
-    return MlflowClient(tracking_uri=uri)
+
+    db = sqlite_path(uri)
+    if db is None or uri in _OPENED_SQLITE:
+        return MlflowClient(tracking_uri=uri)
+    with sqlite_store_lock(db):  # MlflowClient creates (or migrates) the store's tables
+        client = MlflowClient(tracking_uri=uri)
+    _OPENED_SQLITE.add(uri)
+    return client
+
+
+@contextlib.contextmanager
+def sqlite_store_lock(db: Path):
+    """Hold an exclusive `flock` on `<db>.lock` while a process opens the SQLite store `db`.
+
+    MLflow creates a new store's tables with alembic migrations; two processes migrating one
+    fresh file at once both crash (`table _alembic_tmp_metrics already exists`) and leave it
+    unusable. With the lock the first process creates the tables and the others, waiting, find
+    them done. The lock goes with the file descriptor, so a killed process never leaves it held."""
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # an unwritable directory: MLflow's own error names it
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 # ==================================================================== what a run records
@@ -305,7 +340,9 @@ def recorded_run_id(checkpoint_dir: str | Path, uri: str) -> Optional[str]:
 # ==================================================================== fail-soft logging
 
 class TrackingRun:
-    """Logs to one existing MLflow run; every error is logged as a warning and swallowed.
+    """Logs to one existing MLflow run from outside training (a sweep's controller, a benchmark
+    grid); every error is logged as a warning and swallowed. Training logs through
+    `tracking_journal.JournaledRun` instead, which never blocks a step and loses nothing.
 
     Metrics are buffered and sent in batches (`flush`, every `flush_every` steps); while the store
     is down they stay buffered (up to `MAX_BUFFERED_METRICS`) and go out with the next flush that works.
@@ -364,11 +401,6 @@ class TrackingRun:
     def end(self, status: str = "FINISHED") -> None:
         self.flush()
         self._guard("set_terminated", lambda c: c.set_terminated(self.run_id, status))
-
-
-def terminate_run(run_id: str, status: str, uri: Optional[str] = None) -> None:
-    """Fail-soft `set_terminated` from a process that did not log the run (e.g. the driver)."""
-    TrackingRun(run_id, uri)._guard("set_terminated", lambda c: c.set_terminated(run_id, status))
 
 
 def load_params(run_id: str, uri: Optional[str] = None) -> dict[str, str]:

@@ -1,5 +1,6 @@
 """Ray Train on CPU: 2-worker DDP follows the single-process trajectory of the same global batch,
-and a run survives a killed worker by resuming from its latest checkpoint.
+and a run survives rank 0 killed twice by resuming from its latest checkpoint, with every step
+logged to MLflow exactly once.
 
 The reference is built here, independently of the Ray path: one process, one model, and at each
 step the union of the samples that rank 0 and rank 1 see (their shards and batch samplers),
@@ -124,11 +125,13 @@ def test_two_worker_ddp_follows_the_single_process_trajectory(ray_cluster, store
 
 @pytest.fixture(scope="module")
 def fault_run(ray_cluster, store, tmp_path_factory):
-    """A 2-worker run whose rank 1 SIGKILLs itself after step 3; checkpoints every 2 steps."""
+    """A 2-worker run whose rank 0 (the one that logs to MLflow) SIGKILLs itself after step 4 and
+    after step 6; checkpoints every 2 steps. Each time it has logged a step after the checkpoint
+    the restart resumes from (3, then 5), which the restarted run computes again."""
     tmp = tmp_path_factory.mktemp("fault")
-    vlm, train = configs(tmp, checkpoint_interval=2, max_failures=1)
+    vlm, train = configs(tmp, checkpoint_interval=2, max_failures=2)
     summary = run_training(vlm, train, preset_name="tiny", run_name="fault", tracking_uri=store,
-                           worker_env={KILL_ENV: "1:3"})
+                           worker_env={KILL_ENV: "0:4,0:6"})
     return vlm, train, summary
 
 
@@ -136,9 +139,9 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(fault_run, store, refe
     from nanovlm.training.checkpointing import load_train_state
 
     _, _, summary = fault_run
-    # the restarted group resumed from step 2 and ran steps 3..6: none skipped, none counted twice
+    # the last restart resumed from step 4 and ran steps 5..6: none skipped, none counted twice
     assert summary["steps"] == STEPS
-    assert summary["steps_this_run"] == STEPS - 2
+    assert summary["steps_this_run"] == STEPS - 4
     assert summary["resumed_from"] is not None
     state = load_train_state(summary["ray_checkpoint"])
     assert state["step"] == STEPS
@@ -146,6 +149,17 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(fault_run, store, refe
     # every step's loss equals the uninterrupted reference: weights, optimizer, schedule, data position restored
     losses = last_value_per_step(store, summary["mlflow_run_id"], "loss")
     assert [losses[s] for s in range(1, STEPS + 1)] == pytest.approx(reference_losses, rel=1e-4, abs=1e-5)
+
+
+def test_every_step_is_logged_exactly_once_through_two_kills_of_rank_0(fault_run, store):
+    _, _, summary = fault_run
+    client = tracking._client(store)
+    for key in ("loss", "grad_norm", "step_time"):
+        steps = sorted(m.step for m in client.get_metric_history(summary["mlflow_run_id"], key))
+        assert steps == list(range(1, STEPS + 1)), key
+    assert sorted(m.step for m in client.get_metric_history(summary["mlflow_run_id"], "val_loss")) == [STEPS]
+    assert client.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
+    assert summary["tracking_pending"] is None
 
 
 def test_final_checkpoint_loads_with_from_pretrained(fault_run):

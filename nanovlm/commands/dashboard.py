@@ -17,6 +17,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Optional
 
@@ -73,12 +75,51 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        if process.poll() is None:  # stop the server and the workers it started
-            os.killpg(process.pid, signal.SIGTERM)
+        stop_process_group(process)
+
+
+def stop_process_group(process: subprocess.Popen, timeout_s: float = 10) -> None:
+    """Stop a server started with `start_new_session=True` and every worker it started."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+class MlflowServer:
+    """`mlflow server` over `uri` on 127.0.0.1:`port`, in the background: for tests and benchmarks
+    that take a tracking server down and bring it back (`nanovlm dashboard` runs it in the foreground)."""
+
+    def __init__(self, uri: str, port: int):
+        self.command = server_command(uri, port)
+        self.address = f"http://127.0.0.1:{port}"
+        self.process: Optional[subprocess.Popen] = None
+
+    def start(self, timeout_s: float = 120) -> None:
+        """Start it and wait until it answers `/health`."""
+        self.process = subprocess.Popen(self.command, env=server_env(), start_new_session=True,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        give_up = time.monotonic() + timeout_s
+        while time.monotonic() < give_up:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with status {self.process.returncode}: {self.command}")
             try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+                urllib.request.urlopen(f"{self.address}/health", timeout=2).close()
+                return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise TimeoutError(f"mlflow server on {self.address} did not answer within {timeout_s:.0f} s.")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process_group(self.process, timeout_s=20)
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
 
 def landing_page(uri: str, address: str, experiment_name: str) -> str:

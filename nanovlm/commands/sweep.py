@@ -72,6 +72,11 @@ def run(args: argparse.Namespace) -> int:
     if failure is not None:
         print(f"nanovlm sweep: {failure} (results in {outcome.files['results.md']})", file=sys.stderr)
         return 1
+    if outcome.tracking_pending:
+        print(f"nanovlm sweep: the MLflow store {outcome.tracking_uri} did not take everything; "
+              f"{len(outcome.tracking_pending)} run journal(s) hold the rest. When the store answers, send it with: "
+              f"nanovlm tracking sync {outcome.sweep_dir}", file=sys.stderr)
+        return 3
     return 1 if outcome.interrupted else 0
 
 

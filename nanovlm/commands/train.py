@@ -7,12 +7,21 @@
 One process unless --num-workers is above 1 or --gpu is given: then Ray Train
 (`nanovlm.distributed.run_training`); `jobs/train.py` is this command for `ray job submit`.
 Both routes log the same MLflow run (`nanovlm.training.tracked.train_tracked` is the other).
+
+Exit status: 0 trained and tracked; 2 bad input or an unusable store/cluster, before training;
+3 trained, but the MLflow store did not take everything before the deadline (the rest is in
+the run's journal; `nanovlm tracking sync OUTPUT_DIR` sends it). SIGTERM (`ray job stop`) stops
+training like Ctrl-C, and the MLflow run ends KILLED.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -63,13 +72,37 @@ def run(args: argparse.Namespace) -> int:
     vlm_cfg, train_cfg = _configs(args)
     options: dict[str, Any] = dict(preset_name=None if (args.config or args.resume) else args.preset,
                                    run_name=args.run_name, track=not args.no_tracking, resume_from=args.resume)
-    if train_cfg.num_workers > 1 or train_cfg.use_gpu:
-        from nanovlm.distributed.launcher import run_training
-        summary = run_training(vlm_cfg, train_cfg, **options)
-    else:
-        from nanovlm.training.tracked import train_tracked
-        summary = train_tracked(vlm_cfg, train_cfg, **options)
+    with sigterm_as_interrupt():
+        if train_cfg.num_workers > 1 or train_cfg.use_gpu:
+            from nanovlm.distributed.launcher import run_training
+            summary = run_training(vlm_cfg, train_cfg, **options)
+        else:
+            from nanovlm.training.tracked import train_tracked
+            summary = train_tracked(vlm_cfg, train_cfg, **options)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2, default=str))
     output_dir = summary.get("config", {}).get("train", {}).get("output_dir", train_cfg.output_dir)
     print(f"summary written to {Path(output_dir) / 'summary.json'}")
+    if summary.get("tracking_pending"):
+        print(f"nanovlm train: training finished, but the MLflow store {summary.get('tracking_uri')} did not take "
+              f"everything; the rest is in {summary['tracking_pending']}. When the store answers, send it with: "
+              f"nanovlm tracking sync {output_dir}", file=sys.stderr)
+        return 3
     return 0
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt while training (main thread only), so a stopped run
+    (`ray job stop`, a scheduler) ends its MLflow run KILLED instead of leaving it RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

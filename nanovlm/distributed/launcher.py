@@ -266,9 +266,13 @@ def run_training(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Opt
     trainer = build_trainer(vlm_cfg, train_cfg, run_name=name, preset_name=preset_name,
                             tracking_spec=spec, storage_path=storage, worker_env=worker_env, resume_from=checkpoint)
     status = "FAILED"
+    pending = None
     try:
         result = trainer.fit()
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     except ray.train.TrainingFailedError as exc:
         input_error = _worker_input_error(exc)
         if input_error is not None:
@@ -278,7 +282,7 @@ def run_training(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Opt
             f"with --run-name {name} to resume from the latest one.") from exc
     finally:
         if spec is not None:
-            tracking.terminate_run(spec["run_id"], status, uri)
+            pending = end_tracked_run(spec, train_cfg.output_dir, status)
 
     summary_path = Path(train_cfg.output_dir) / "summary.json"
     summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.exists() else {}
@@ -290,6 +294,24 @@ def run_training(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Opt
         "ray_checkpoint": result.checkpoint.path if result.checkpoint else None,
         "mlflow_run_id": spec and spec["run_id"],
         "tracking_uri": uri,
+        "tracking_pending": str(pending) if pending else None,
         "resumed": resuming,
     })
     return summary
+
+
+def end_tracked_run(spec: dict[str, Any], output_dir: str, status: str) -> Optional[Path]:
+    """End the driver's MLflow run with `status` once the workers are gone, sending first what
+    rank 0's journal still holds (a rank 0 that was killed, or gave up on a store that was
+    down). Returns the journal's directory if the store did not take everything (the status
+    included), else None: the run is never left RUNNING without a journal that says how it ended."""
+    from nanovlm.tracking_journal import JournaledRun
+
+    try:
+        run = JournaledRun(spec["run_id"], spec["uri"], output_dir)
+    except OSError as exc:  # output_dir unusable here (another node's path?): end the run directly
+        logger.warning("Cannot open the MLflow journal in %s (%s); ending run %s directly.", output_dir, exc,
+                       spec["run_id"])
+        tracking.TrackingRun(spec["run_id"], spec["uri"]).end(status)
+        return None
+    return run.close(status)

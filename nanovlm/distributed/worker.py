@@ -16,7 +16,9 @@ MLflow is `MlflowHooks` on rank 0 (the same logging as a single-process run). `t
 set: log into that run (the driver created it and will close it). Unset: rank 0 creates the run
 itself (a child of `parent_run_id` when given, e.g. a Tune trial) and closes it at the end; its
 id travels in the checkpoint's run record, so a restarted worker group keeps logging into the
-same run. `tracking: None` turns MLflow off.
+same run. `tracking: None` turns MLflow off. Rank 0 only appends each step to the run's journal
+in output_dir (`nanovlm.tracking_journal`), so the other ranks never wait in the all-reduce for
+the store, and a restarted rank 0 logs only the steps its predecessors did not.
 
 Reports: every `report_interval` steps, after every evaluation, and with every checkpoint.
 Every rank calls `ray.train.report` at the same steps (Train V2 uses it as a barrier); only
@@ -48,14 +50,16 @@ import torch
 
 from nanovlm import tracking
 from nanovlm.config import TrainConfig, VLMConfig, configs_from_dict
+from nanovlm.tracking_journal import JournaledRun
 from nanovlm.training.metrics import global_sum
 from nanovlm.training.tracked import MlflowHooks
 
 logger = logging.getLogger(__name__)
 
-# Fault injection for tests and drills: "RANK:STEP" makes that rank SIGKILL itself after STEP,
-# once per output_dir (a marker file there remembers it across the restart).
+# Fault injection for tests and drills: "RANK:STEP[,RANK:STEP...]" makes that rank SIGKILL itself
+# after STEP, each once per output_dir (a marker file there remembers it across the restarts).
 KILL_ENV = "NANOVLM_KILL_RANK_AT_STEP"
+FAILURE_DEADLINE_S = 5.0  # for MLflow when a worker fails: its journal keeps the rest for the next attempt
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -71,7 +75,7 @@ def train_worker(config: dict[str, Any]) -> None:
     try:
         train(vlm_cfg, train_cfg, hooks=hooks, resume_from=run.get("resume_from"), validate=False)
     except BaseException:
-        hooks.close(status="FAILED")
+        hooks.close(status="FAILED", deadline=FAILURE_DEADLINE_S)
         raise
 
 
@@ -81,6 +85,17 @@ def _quiet_ray_report_log() -> None:
     from ray.train.v2._internal.execution import context as ray_train_context
 
     logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
+
+
+def kill_points(spec: str) -> set[tuple[int, int]]:
+    """`KILL_ENV`'s value "0:3,0:7" -> {(0, 3), (0, 7)}: (rank, step) pairs."""
+    points = set()
+    for item in spec.split(","):
+        rank, _, step = item.strip().partition(":")
+        if not (rank.isdigit() and step.isdigit()):
+            raise ValueError(f"{KILL_ENV}={spec!r}: expected RANK:STEP[,RANK:STEP...], e.g. 0:3,0:7.")
+        points.add((int(rank), int(step)))
+    return points
 
 
 class RayTrainHooks(MlflowHooks):
@@ -170,20 +185,19 @@ class RayTrainHooks(MlflowHooks):
 
     # ------------------------------------------------------------------ helpers
 
-    def close(self, status: str) -> None:
+    def close(self, status: str, deadline: Optional[float] = None) -> None:
         self._reporter.stop()
-        super().close(status)
+        super().close(status, deadline)
         if self._download_dir is not None:
             self._download_dir.cleanup()
             self._download_dir = None
 
     def _maybe_kill_self(self, step: int) -> None:
         target = os.environ.get(KILL_ENV)
-        if not target:
+        if not target or (self.rank, step) not in kill_points(target):
             return
-        rank, at_step = (int(x) for x in target.split(":"))
-        marker = Path(self.train_cfg.output_dir) / f".killed-rank{rank}-step{at_step}"
-        if rank != self.rank or step != at_step or marker.exists():
+        marker = Path(self.train_cfg.output_dir) / f".killed-rank{self.rank}-step{step}"
+        if marker.exists():
             return
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
@@ -191,7 +205,7 @@ class RayTrainHooks(MlflowHooks):
         # before the worker dies (otherwise the restart could start from an older one).
         poll_s = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2"))
         time.sleep(max(1.0, 5 * poll_s))
-        logger.warning("%s=%s: rank %d kills its own process after step %d.", KILL_ENV, target, rank, step)
+        logger.warning("%s=%s: rank %d kills its own process after step %d.", KILL_ENV, target, self.rank, step)
         os.kill(os.getpid(), signal.SIGKILL)
 
     def _is_eval_step(self, step: int) -> bool:
@@ -219,7 +233,7 @@ class RayTrainHooks(MlflowHooks):
         self._download_dir = tempfile.TemporaryDirectory(prefix="nanovlm-resume-")
         return Path(checkpoint.to_directory(self._download_dir.name))
 
-    def _open_mlflow_run(self, spec: dict[str, Any]) -> tuple[Optional[tracking.TrackingRun], bool]:
+    def _open_mlflow_run(self, spec: dict[str, Any]) -> tuple[Optional[JournaledRun], bool]:
         """Rank 0's MLflow run and whether this worker owns it (created it, so ends it)."""
         uri = spec.get("uri") or tracking.default_tracking_uri()
         run_id = spec.get("run_id")
@@ -228,16 +242,7 @@ class RayTrainHooks(MlflowHooks):
             # a restarted worker group: the run that rank 0 created before the failure
             run_id = tracking.recorded_run_id(self._ray_checkpoint_dir, uri)
             owns_run = run_id is not None
-        if run_id is not None:
-            # Open the store now: importing MLflow and opening it takes about a second, which
-            # would otherwise stall training at the first flush. The driver checked the store from
-            # its node; this also tells early whether this worker's node reaches it.
-            try:
-                tracking.check_tracking_store(uri)
-            except tracking.TrackingError as exc:
-                logger.warning("Rank 0 cannot reach the MLflow store yet (metrics stay buffered and are "
-                               "retried at each flush): %s", exc)
-        else:
+        if run_id is None:
             from nanovlm.config import configs_to_dict
 
             config = configs_to_dict(self.vlm_cfg, self.train_cfg)
@@ -251,7 +256,9 @@ class RayTrainHooks(MlflowHooks):
                 logger.warning("Could not create an MLflow run in %s (training continues untracked): %s", uri, exc)
                 return None, False
             owns_run = True
-        return tracking.TrackingRun(run_id, uri, flush_every=self.train_cfg.log_interval), owns_run
+        # The journal's thread opens the store (importing MLflow takes about a second) and
+        # tells, in a warning, if this node cannot reach it; training does not wait for it.
+        return JournaledRun(run_id, uri, self.train_cfg.output_dir, flush_every=self.train_cfg.log_interval), owns_run
 
 
 class ReportThread:

@@ -14,13 +14,14 @@ Train storage), `results/` (table, best config, plots).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,6 +32,7 @@ from nanovlm.config import ConfigError, apply_overrides, configs_to_dict
 from nanovlm.distributed.launcher import check_cluster_resources, check_device_settings
 from nanovlm.sweep.results import TrialRecord, best_trial, write_results
 from nanovlm.sweep.space import SweepSpec, parse_space, trial_configs
+from nanovlm.tracking_journal import JournaledRun, pending_journals
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class SweepOutcome:
     files: dict[str, Path]
     best: Optional[TrialRecord]
     interrupted: bool = False      # some trials did not finish (Ctrl-C, time budget): --resume continues them
+    tracking_pending: list[str] = field(default_factory=list)  # journals MLflow lacks something of
 
 
 # ============================================================================ sweep state file
@@ -254,11 +257,12 @@ class SweepTracker(Callback):
         self.state.save()
         if not entry.get("run_id"):
             return
-        run = tracking.TrackingRun(entry["run_id"], self.uri)
+        # Through the trial's journal: it first sends what a stopped trial's rank 0 left there,
+        # and keeps the status for `nanovlm tracking sync` if the store is down.
+        run = JournaledRun(entry["run_id"], self.uri, self.state.path.parent / "trials" / trial_id)
         # the reason is always set, so that a resumed trial loses its earlier "stopped" reason
-        tags = {STATUS_TAG: entry["status"], REASON_TAG: (entry.get("reason") or "")[:5000]}
-        run.set_tags(tags)
-        run.end(mlflow_status)
+        run.set_tags({STATUS_TAG: entry["status"], REASON_TAG: (entry.get("reason") or "")[:5000]})
+        run.close(mlflow_status)
 
 
 def _error_reason(trial) -> str:
@@ -279,6 +283,21 @@ def _short(value: Any) -> str:
 
 def default_storage() -> Path:
     return tracking.nanovlm_home() / "sweeps"
+
+
+def new_sweep_dir(storage: Path, name: str) -> Path:
+    """Create `<storage>/<name>-<date>-<time>`, or `...-2`, `-3`, ... when sweeps of that name
+    started in the same second: `mkdir` either creates the directory or fails, so concurrent
+    sweeps never share one."""
+    storage.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in itertools.count(1):
+        path = storage / (stem if n == 1 else f"{stem}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
 
 
 def find_resumable(spec_name: str, storage: Path) -> Path:
@@ -304,8 +323,7 @@ def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
         spec = state.spec()  # the space as it was when the sweep started
     else:
         storage = Path(storage_path or spec.storage_path or default_storage()).expanduser().resolve()
-        sweep_dir = storage / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        sweep_dir.mkdir(parents=True, exist_ok=False)
+        sweep_dir = new_sweep_dir(storage, spec.name)
         state = SweepState(sweep_dir / STATE_FILE, {
             "spec_name": spec.name, "space_path": spec.source_path, "space_text": spec.source_text or "",
             "extra_overrides": spec.extra_overrides, "trials": {}})
@@ -364,8 +382,13 @@ def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
         logger.warning("Not every trial finished; resume with: nanovlm sweep --resume %s", sweep_dir)
     files = write_results(records, spec, sweep_dir / "results")
     best = best_trial(records, spec.metric, spec.mode)
-    _finish_parent(parent, spec, records, best, files, interrupted)
-    return SweepOutcome(sweep_dir, state.data["parent_run_id"], uri, records, files, best, interrupted)
+    _finish_parent(JournaledRun(parent.run_id, uri, sweep_dir), spec, records, best, files, interrupted)
+    pending = pending_journals(sweep_dir)
+    if pending:
+        logger.warning("MLflow store %s did not take everything; the rest waits in %d journal(s) under %s. "
+                       "Send it with: nanovlm tracking sync %s", uri, len(pending), sweep_dir, sweep_dir)
+    return SweepOutcome(sweep_dir, state.data["parent_run_id"], uri, records, files, best, interrupted,
+                        tracking_pending=[str(p) for p in pending])
 
 
 def _init_ray(address: Optional[str]) -> None:
@@ -490,7 +513,7 @@ def _create_parent_run(spec: SweepSpec, sweep_dir: Path, uri: str, experiment_na
     return run.info.run_id
 
 
-def _finish_parent(parent: tracking.TrackingRun, spec: SweepSpec, records: list[TrialRecord],
+def _finish_parent(parent: JournaledRun, spec: SweepSpec, records: list[TrialRecord],
                    best: Optional[TrialRecord], files: dict[str, Path], interrupted: bool) -> None:
     counts: dict[str, int] = {}
     for record in records:
@@ -502,11 +525,13 @@ def _finish_parent(parent: tracking.TrackingRun, spec: SweepSpec, records: list[
             tags["nanovlm.best_run_id"] = best.run_id
         metrics = {f"best_{spec.metric}": best.final(spec.metric)}
         metrics.update({f"best.{k}": v for k, v in best.config.items() if isinstance(v, (int, float))})
-        parent.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=0)
+        # by trials finished: a resumed sweep logs its new best, and nothing twice
+        finished = sum(r.status in ("completed", "early-stopped") for r in records)
+        parent.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=finished)
     parent.set_tags(tags)
     for path in files.values():
         parent.log_artifact(path)
-    parent.end("KILLED" if interrupted else "FINISHED")
+    parent.close("KILLED" if interrupted else "FINISHED")
 
 
 def _spec_as_yaml(spec: SweepSpec) -> str:

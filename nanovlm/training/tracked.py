@@ -7,6 +7,12 @@ the loop's hooks log metrics by step, write the run record into each checkpoint,
 final checkpoint and summary.json as artifacts. In one process `MlflowHooks` are the hooks; on
 Ray Train, `RayTrainHooks` extends them (rank 0 logs, the driver creates and closes the run).
 The loop itself (loop.py) knows nothing of MLflow.
+
+Logging goes through the run's journal in output_dir (`nanovlm.tracking_journal`): a step costs
+one appended line, a background thread sends, each step is logged once through restarts. The
+run ends FINISHED, FAILED (an exception) or KILLED (Ctrl-C, SIGTERM); if the store does not take
+everything before the deadline, the summary's `tracking_pending` names the journal that holds
+the rest, and `nanovlm train` exits 3 and says how to send it (`nanovlm tracking sync`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from nanovlm import tracking
+from nanovlm.tracking_journal import JournaledRun
 from nanovlm.config import TrainConfig, VLMConfig, configs_to_dict
 from nanovlm.training import checkpointing
 from nanovlm.training.hooks import TrainHooks
@@ -27,12 +34,14 @@ logger = logging.getLogger(__name__)
 class MlflowHooks(TrainHooks):
     """Log the loop's metrics into `run` by step, a run record into each checkpoint, and the final
     checkpoint and `summary.json` as artifacts. `run` None logs nothing (an untracked run, or a
-    Ray rank other than 0). `owns_run`: end the run at the end (else its creator ends it)."""
+    Ray rank other than 0). `owns_run`: end the run at the end (else its creator ends it).
+    After `close`, `pending` is the journal directory holding what the store did not take, or None."""
 
-    def __init__(self, run: Optional[tracking.TrackingRun], output_dir: str | Path, *, owns_run: bool):
+    def __init__(self, run: Optional[JournaledRun], output_dir: str | Path, *, owns_run: bool):
         self.run = run
         self.output_dir = Path(output_dir)
         self.owns_run = owns_run
+        self.pending: Optional[Path] = None
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         if self.run is not None:
@@ -43,8 +52,10 @@ class MlflowHooks(TrainHooks):
             self.run.log_metrics(metrics, step)
 
     def on_checkpoint(self, step: int, checkpoint_dir: Path | None, metrics: dict[str, float]) -> None:
-        if self.run is not None and checkpoint_dir is not None:
-            tracking.write_run_record(checkpoint_dir, self.run.run_id, self.run.uri)
+        if self.run is not None:
+            if checkpoint_dir is not None:
+                tracking.write_run_record(checkpoint_dir, self.run.run_id, self.run.uri)
+            self.run.checkpoint()
 
     def on_end(self, summary: dict[str, Any]) -> None:
         if self.run is not None:
@@ -54,13 +65,11 @@ class MlflowHooks(TrainHooks):
                 self.run.log_artifact(self.output_dir / "summary.json")
         self.close("FINISHED")
 
-    def close(self, status: str) -> None:
-        """Send what is buffered; end the run with `status` if this process owns it."""
+    def close(self, status: str, deadline: Optional[float] = None) -> None:
+        """Send what is journalled (waiting up to `deadline` s, default the journal's); end the
+        run with `status` if this process owns it."""
         if self.run is not None:
-            if self.owns_run:
-                self.run.end(status)
-            else:
-                self.run.flush()
+            self.pending = self.run.close(status if self.owns_run else None, deadline)
             self.run = None
 
 
@@ -94,7 +103,7 @@ def train_tracked(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Op
         run_id = tracking.start_training_run(
             config, uri=uri, run_name=run_name or tracking.default_run_name(preset_name), tags=tags,
             run_id=tracking.recorded_run_id(checkpoint, uri) if checkpoint is not None else None)
-        run = tracking.TrackingRun(run_id, uri, flush_every=train_cfg.log_interval)
+        run = JournaledRun(run_id, uri, train_cfg.output_dir, flush_every=train_cfg.log_interval)
     hooks = MlflowHooks(run, train_cfg.output_dir, owns_run=True)
     try:
         summary = train(vlm_cfg, train_cfg, hooks=hooks, resume_from=checkpoint, validate=False)
@@ -104,4 +113,5 @@ def train_tracked(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Op
     except BaseException:
         hooks.close("FAILED")
         raise
-    return {**summary, "mlflow_run_id": run and run.run_id, "tracking_uri": uri}
+    return {**summary, "mlflow_run_id": run and run.run_id, "tracking_uri": uri,
+            "tracking_pending": str(hooks.pending) if hooks.pending else None}
