@@ -41,6 +41,7 @@ from nanovlm.distributed.launcher import ClusterUnreachableError
 logger = logging.getLogger(__name__)
 
 JOIN_TIMEOUT_S = 20.0            # the probe of an existing cluster, TCP and gRPC together
+GCS_PROBE_METHOD = "/ray.rpc.NodeInfoGcsService/GetClusterId"   # served by Ray's GCS (Ray 2.60)
 LOOPBACK = "127.0.0.1"
 # Ray decides a node's address when it starts: unless this is "0", Linux nodes take the machine's
 # routable address even when told 127.0.0.1, and bind their listeners there (Ray 2.60).
@@ -100,9 +101,12 @@ def address_file() -> Path:
 # ==================================================================== joining
 
 def probe_cluster(address: str, source: str, timeout_s: float = JOIN_TIMEOUT_S) -> None:
-    """Raise `ClusterUnreachableError` unless a server at `address` accepts a TCP connection and
-    completes a gRPC handshake within `timeout_s` (Ray's GCS, or its client server for ray://).
-    A stopped process still accepts TCP connections (the kernel does), hence the handshake."""
+    """Raise `ClusterUnreachableError` unless a Ray cluster answers at `address` within `timeout_s`.
+
+    First a TCP connection (a dead cluster: refused at once), then one gRPC call that only Ray's
+    GCS serves, GetClusterId: a stopped process still accepts connections (the kernel does), and
+    another server may own the port now. Ray's token authentication refusing the anonymous call
+    still proves a GCS. A Ray Client address (ray://) gets the gRPC handshake only."""
     host, port = split_address(address)
     deadline = time.monotonic() + timeout_s
     try:
@@ -111,15 +115,29 @@ def probe_cluster(address: str, source: str, timeout_s: float = JOIN_TIMEOUT_S) 
     except OSError as exc:
         raise ClusterUnreachableError(_unreachable(address, source, _reason(exc, timeout_s))) from None
     if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
-        return  # the handshake would need the cluster's certificates
+        return  # gRPC would need the cluster's certificates
     import grpc
 
-    channel = grpc.insecure_channel(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
+    channel = grpc.insecure_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    remaining = max(deadline - time.monotonic(), 1.0)
     try:
-        grpc.channel_ready_future(channel).result(timeout=max(deadline - time.monotonic(), 1.0))
+        if address.startswith("ray://"):
+            grpc.channel_ready_future(channel).result(timeout=remaining)
+            return
+        get_cluster_id = channel.unary_unary(GCS_PROBE_METHOD, request_serializer=lambda _: b"",
+                                             response_deserializer=lambda reply: reply)
+        get_cluster_id(None, timeout=remaining)
     except grpc.FutureTimeoutError:
         raise ClusterUnreachableError(_unreachable(
             address, source, f"it accepts connections but did not answer within {timeout_s:g} s")) from None
+    except grpc.RpcError as exc:
+        code = exc.code()
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return
+        reason = (f"it accepts connections but did not answer within {timeout_s:g} s"
+                  if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+                  else f"what answers there is not a Ray cluster ({code.name}: {exc.details()})")
+        raise ClusterUnreachableError(_unreachable(address, source, reason)) from None
     finally:
         channel.close()
 
