@@ -170,7 +170,8 @@ def test_a_training_run_a_sweep_and_a_benchmark_grid_listen_on_loopback_only(run
     names = {name for _, _, _, name in runs.listeners}
     # the watch saw the workers of the runs, not just the cluster's own servers
     assert any(name.startswith("ray::RayTrainWorker") for name in names), names
-    assert not_loopback(runs.listeners) == []
+    exposed = not_loopback(runs.listeners)
+    assert exposed == [], "\n".join(exposed)
 
 
 def test_ddp_with_a_text_only_rank_follows_one_process_on_the_global_batch(runs, reference):

@@ -68,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
 def print_outcome(outcome) -> None:
     """What a person sees at the end: the table, the best trial's per-question accuracy, where
     everything is, and how to look at it."""
+    from nanovlm.tracking import masked_uri
+
     files = outcome.files
     print()
     print(files["results.md"].read_text())
@@ -94,7 +96,7 @@ def print_outcome(outcome) -> None:
         print(f"Best config:      {files['config.json']}")
         print(f"  retrain it:     nanovlm train --config {files['config.json']}")
     print(f"Plots:            {files['metric_vs_fields.png']}, {files['learning_curves.png'].name}")
-    print(f"MLflow:           parent run {outcome.parent_run_id} in {outcome.tracking_uri}")
+    print(f"MLflow:           parent run {outcome.parent_run_id} in {masked_uri(outcome.tracking_uri)}")
     print("Dashboard:        nanovlm dashboard   (then open http://127.0.0.1:5000)")
     if outcome.interrupted:
         print(f"Some trials did not finish (interrupt or time budget). Resume with: "

@@ -252,7 +252,7 @@ def run_training(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Opt
         "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
         "ray_checkpoint": result.checkpoint.path if result.checkpoint else None,
         "mlflow_run_id": spec and spec["run_id"],
-        "tracking_uri": uri,
+        "tracking_uri": tracking.masked_uri(uri),  # printed by the CLI
         "resumed": resuming,
     })
     return summary

@@ -256,7 +256,8 @@ class RayTrainHooks(MlflowHooks):
                                              run_name=spec.get("run_name"), tags=tags,
                                              parent_run_id=spec.get("parent_run_id"))
             except Exception as exc:  # noqa: BLE001 - the driver checked the store; do not kill training now
-                logger.warning("Could not create an MLflow run in %s (training continues untracked): %s", uri, exc)
+                logger.warning("Could not create an MLflow run in %s (training continues untracked): %s",
+                               tracking.masked_uri(uri), exc)
                 return None, False
             owns_run = True
         return tracking.TrackingRun(run_id, uri, flush_every=self.train_cfg.log_interval), owns_run

@@ -448,7 +448,8 @@ def _create_parent_run(spec: SweepSpec, sweep_dir: Path, uri: str, experiment_na
     space_file = sweep_dir / "space.yaml"
     space_file.write_text(spec.source_text or _spec_as_yaml(spec))
     client.log_artifact(run.info.run_id, str(space_file))
-    logger.info("MLflow parent run %s (experiment %r) in %s", run.info.run_id, experiment_name, uri)
+    logger.info("MLflow parent run %s (experiment %r) in %s", run.info.run_id, experiment_name,
+                tracking.masked_uri(uri))
     return run.info.run_id
 
 
