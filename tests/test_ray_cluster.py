@@ -19,13 +19,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 import yaml
 
 from listeners import HAS_PROC_NET, ListenerWatch, not_loopback
 from nanovlm import tracking
 from nanovlm.config import preset
 from nanovlm.distributed.cluster import free_loopback_port
+from training_configs import train_on_global_batches
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -95,38 +95,14 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
     """Per-step losses, initial and final weights of one process trained on both ranks' batches at once."""
-    from nanovlm.data import VQACollator, build_datasets, get_tokenizer
-    from nanovlm.models import VisionLanguageModel
-    from nanovlm.training.loop import seed_everything
-    from nanovlm.training.optim import build_optimizer, build_scheduler, trainable_parameters
-    from nanovlm.training.sampling import ResumableBatchSampler
+    from nanovlm.data import build_datasets, get_tokenizer
 
     vlm, train = configs(data, tmp_path_factory.mktemp("reference"))
     tokenizer = get_tokenizer(vlm.lm_tokenizer, vlm.vlm_extra_tokens, vlm.lm_chat_template)
     shards = [build_datasets(vlm, train, tokenizer, rank, WORKERS).train for rank in range(WORKERS)]
-    assert [sum(len(shards[r][i]["images"]) for i in range(len(shards[r]))) for r in range(WORKERS)] == [0, ROWS // 2]
-    samplers = [iter(ResumableBatchSampler(len(shard), BATCH, train.seed)) for shard in shards]
-    collator = VQACollator(tokenizer, vlm.lm_max_length)
-    seed_everything(train.seed)
-    model = VisionLanguageModel(vlm, load_backbone=False)
-    model.train()
-    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    optimizer = build_optimizer(model, train)
-    scheduler = build_scheduler(optimizer, train)
-    losses = []
-    for _ in range(STEPS):
-        items = [shard[i] for shard, sampler in zip(shards, samplers) for i in next(sampler)]
-        assert all(int((item["labels"] != -100).sum()) == 2 for item in items)
-        batch = collator(items)
-        _, loss = model(batch["input_ids"], batch["images"], attention_mask=batch["attention_mask"],
-                        targets=batch["labels"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable_parameters(model), train.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-    return losses, initial, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    images = [sum(len(shard[i]["images"]) for i in range(len(shard))) for shard in shards]
+    assert images == [0, ROWS // 2]  # rank 0 text only, rank 1 one image per row
+    return train_on_global_batches(vlm, train, WORKERS, STEPS)
 
 
 @pytest.fixture(scope="module")
