@@ -49,21 +49,21 @@ RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 TRAIN_POLL_INTERVAL_S = "0.5"    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S in the clusters started here
 
 
-def ensure_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
+def ensure_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None, num_gpus: Optional[int] = None,
                include_dashboard: bool = True, temp_dir: Optional[str] = None) -> None:
     """Connect this process to Ray (see the module docstring); nothing if it already is.
 
     A cluster started here keeps its dashboard on a free loopback port unless
     include_dashboard=False: Train's and Tune's placement-group cleaner reaches the state API
     through it, and without it the workers of a trial that ASHA stops are never freed.
-    num_cpus and temp_dir apply to a cluster started here only."""
+    num_cpus, num_gpus (None: what the machine has) and temp_dir apply to a cluster started here only."""
     import ray
 
     if ray.is_initialized():
         return
     address, source = resolve_address(address)
     if address is None:
-        start_local_ray(num_cpus=num_cpus, include_dashboard=include_dashboard, temp_dir=temp_dir)
+        start_local_ray(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard, temp_dir=temp_dir)
         return
     probe_cluster(address, source)
     ray.init(address=address, log_to_driver=True)
@@ -180,7 +180,7 @@ def _unreachable(address: str, source: str, reason: str) -> str:
 
 # ==================================================================== starting
 
-def start_local_ray(num_cpus: Optional[int] = None, include_dashboard: bool = True,
+def start_local_ray(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None, include_dashboard: bool = True,
                     temp_dir: Optional[str] = None) -> None:
     """A private Ray cluster on 127.0.0.1, owned by this process.
 
@@ -198,7 +198,7 @@ def start_local_ray(num_cpus: Optional[int] = None, include_dashboard: bool = Tr
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{LOOPBACK}:{port}"
         kwargs.update(dashboard_host=LOOPBACK, dashboard_port=port)
     with _loopback_nodes():
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard,
                  _node_ip_address=LOOPBACK, **kwargs)
     logger.info("Started a private Ray cluster on %s%s.", LOOPBACK,
                 f" (dashboard http://{LOOPBACK}:{kwargs['dashboard_port']})" if include_dashboard else "")
