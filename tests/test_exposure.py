@@ -14,7 +14,8 @@ from nanovlm.tracking import masked_uri
 @pytest.mark.parametrize("uri, printed", [
     ("http://me:s3cret@mlflow.internal:5000", "http://me:***@mlflow.internal:5000"),
     ("https://ghp_token@host/mlflow", "https://***@host/mlflow"),
-    ("postgresql://ml:pw@db:5432/mlflow?sslmode=require&password=pw", "postgresql://ml:***@db:5432/mlflow?sslmode=require&password=***"),
+    ("postgresql://ml:pw@db:5432/mlflow?sslmode=require&password=pw",
+     "postgresql://ml:***@db:5432/mlflow?sslmode=require&password=***"),
     ("http://host:5000/?Token=abc&experiment=1", "http://host:5000/?Token=***&experiment=1"),
     ("sqlite:////home/me/.nanovlm/mlflow.db", "sqlite:////home/me/.nanovlm/mlflow.db"),
     ("databricks", "databricks"),

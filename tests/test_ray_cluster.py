@@ -178,8 +178,9 @@ def dead_cluster(tmp_path_factory):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": str(tmp)}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--num-cpus=1", "--node-ip-address=127.0.0.1", f"--port={free_loopback_port()}",
-         "--include-dashboard=false", f"--temp-dir={tmp / 'ray'}", "--disable-usage-stats"],
+        [RAY, "start", "--head", "--block", "--num-cpus=1", "--node-ip-address=127.0.0.1",
+         f"--port={free_loopback_port()}", "--include-dashboard=false", f"--temp-dir={tmp / 'ray'}",
+         "--disable-usage-stats"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     address_file = tmp / "ray" / "ray_current_cluster"
     try:

@@ -30,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="resume an interrupted sweep: its directory, or (no value) the latest sweep "
                              "of this space's name; finished trials are not run again")
     parser.add_argument("--address", default=None,
-                        help="Ray cluster: 'local' starts a private one for this sweep; default: RAY_ADDRESS, "
-                             "the running local cluster, or a new local one")
+                        help="Ray cluster (GCS host:port): 'local' starts a private one on 127.0.0.1 for this sweep; "
+                             "default: RAY_ADDRESS, else the cluster the last `ray start` recorded, else a private "
+                             "one. An address that does not answer within 20 s is an error")
 
 
 def run(args: argparse.Namespace) -> int:

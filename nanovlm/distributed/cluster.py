@@ -14,10 +14,11 @@ and the jobs/*.py scripts connect:
 Ray's own `address="auto"` would also join any Ray process it sees on the machine (another
 person's, a test's); here only these places count.
 
-Joining: the address is probed first, a TCP connection and then a gRPC handshake within
-`JOIN_TIMEOUT_S` in all. A cluster that died leaves its address behind (in RAY_ADDRESS, or in the
-address file), and Ray's own connect then retries for minutes, printing GCS time-outs; the probe
-turns that into one `ClusterUnreachableError` naming the address, where it came from, and the fix.
+Joining: the address is probed first, a TCP connection and then one gRPC call that only Ray's
+GCS serves, within `JOIN_TIMEOUT_S` in all. A cluster that died leaves its address behind (in
+RAY_ADDRESS, or in the address file), and Ray's own connect then retries for minutes, printing GCS
+time-outs; the probe turns that into one `ClusterUnreachableError` naming the address, where it
+came from, and the fix.
 
 Starting: every listener of the new cluster is on 127.0.0.1 (GCS, raylet, object manager,
 dashboard and its agents, metrics, each worker's gRPC server), and so is torch.distributed's
@@ -107,7 +108,7 @@ def probe_cluster(address: str, source: str, timeout_s: float = JOIN_TIMEOUT_S) 
     GCS serves, GetClusterId: a stopped process still accepts connections (the kernel does), and
     another server may own the port now. Ray's token authentication refusing the anonymous call
     still proves a GCS. A Ray Client address (ray://) gets the gRPC handshake only."""
-    host, port = split_address(address)
+    host, port = split_address(address, source)
     deadline = time.monotonic() + timeout_s
     try:
         with socket.create_connection((host, port), timeout=timeout_s):
@@ -142,19 +143,19 @@ def probe_cluster(address: str, source: str, timeout_s: float = JOIN_TIMEOUT_S) 
         channel.close()
 
 
-def split_address(address: str) -> tuple[str, int]:
+def split_address(address: str, source: str = "--address") -> tuple[str, int]:
     """("host", port) of "host:port", "[v6]:port" or "ray://host:port"."""
     scheme, _, rest = address.rpartition("://")
     if scheme in ("http", "https"):
         raise ClusterUnreachableError(
-            f"Ray address {address} is a dashboard address, which `ray job submit` takes; a command joins "
-            "a cluster by its GCS address (host:6379, printed by `ray start --head`). Submit the command as "
-            "a job (docs/ray.md) or give the GCS address.")
+            f"Ray address {address} (from {source}) is a dashboard address, which `ray job submit` takes; "
+            "a command joins a cluster by its GCS address (host:6379, printed by `ray start --head`). Submit "
+            "the command as a job (docs/ray.md) or give the GCS address.")
     rest = rest.rstrip("/")
     host, sep, port = rest.rpartition(":")
     if not sep or not port.isdigit():
-        raise ClusterUnreachableError(f"Ray address {address!r} is not host:port. Give the address that "
-                                      "`ray start --head` printed, e.g. 127.0.0.1:6379.")
+        raise ClusterUnreachableError(f"Ray address {address!r} (from {source}) is not host:port. Give the "
+                                      "address that `ray start --head` printed, e.g. 127.0.0.1:6379.")
     return host.strip("[]"), int(port)
 
 
