@@ -6,6 +6,9 @@ things while a thread lists the listening sockets of this process and all its ch
 sees only text-only rows, a one-trial sweep, and a benchmark grid point on Ray Tune. The training
 run also answers the DDP question: the text-only rank must still take part in every gradient
 all-reduce, and both ranks must follow one process trained on the global batch.
+
+Last, a cluster started with `ray start` and killed leaves its address behind (its address
+file, or RAY_ADDRESS): `nanovlm train --num-workers 2` must stop at once with one line.
 """
 
 import os
