@@ -107,14 +107,12 @@ def main() -> int:
     # --- one Ray Train worker, tracked like a real run
     import ray
 
-    from nanovlm.distributed import run_training
+    from nanovlm.distributed import ensure_ray, run_training
 
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    # The same controller poll interval as the clusters `nanovlm train` starts (launcher.ensure_ray).
-    from nanovlm.distributed.launcher import TRAIN_POLL_INTERVAL_S
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_INTERVAL_S)
-    ray.init(num_cpus=max(threads, 1), num_gpus=1 if args.gpu else 0, include_dashboard=False,
-             _node_ip_address="127.0.0.1", _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    # A private cluster as `nanovlm train` starts one (same controller poll interval), without the dashboard.
+    ensure_ray("local", num_cpus=max(threads, 1), num_gpus=1 if args.gpu else 0, include_dashboard=False,
+               temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     start = time.time()
     summary = run_training(vlm, train_cfg.replace(output_dir=str(work / "ray"), storage_path=str(work / "results")),
                            preset_name=args.preset, run_name="overhead", tracking_uri=uri)

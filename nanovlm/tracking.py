@@ -90,6 +90,25 @@ def artifact_root(uri: str) -> Optional[str]:
     return (db.parent / ARTIFACTS_DIRNAME).resolve().as_uri()
 
 
+SECRET_QUERY_VALUE = r"([?&][^&=#]*(?:pass|token|secret|key|auth|signature)[^&=#]*=)[^&#]*"  # case-insensitive
+
+
+def masked_uri(uri: Optional[str]) -> Optional[str]:
+    """`uri` as it may be printed or logged: a password in it becomes `***` (a user name alone,
+    which may be a token, too), and so do query values whose names look secret.
+    `http://me:pw@host:5000` -> `http://me:***@host:5000`; `sqlite:///x.db` unchanged."""
+    import re
+
+    if not uri or "://" not in uri:
+        return uri
+    netloc = urllib.parse.urlsplit(uri).netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user, sep, _ = userinfo.partition(":")
+        uri = uri.replace(netloc, f"{user}:***@{host}" if sep else f"***@{host}", 1)
+    return re.sub(SECRET_QUERY_VALUE, r"\1***", uri, flags=re.IGNORECASE)
+
+
 # ==================================================================== reachability
 
 def check_tracking_store(uri: Optional[str] = None, timeout_s: float = 10.0) -> str:

@@ -53,3 +53,12 @@ def test_schema_check_catches_an_unknown_head_type(config):
     config["head_node_type"] = "no_such_type"
     with pytest.raises(ValueError, match="head_node_type"):
         check(config)
+
+
+def test_mlflow_listens_on_the_heads_loopback_and_workers_reach_it_through_ssh(config):
+    commands = " ".join(config["head_start_ray_commands"])
+    assert "mlflow server --host 127.0.0.1 " in commands and "0.0.0.0" not in commands
+    workers = " ".join(config["worker_start_ray_commands"])
+    assert "-L 127.0.0.1:5000:127.0.0.1:5000" in workers
+    assert "MLFLOW_TRACKING_URI=http://127.0.0.1:5000 ray start" in workers
+    assert 'restrict,port-forwarding,permitopen=\\"127.0.0.1:5000\\"' in " ".join(config["head_setup_commands"])

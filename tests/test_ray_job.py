@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from listeners import HAS_PROC_NET, descendants, listeners, not_loopback
 from nanovlm import tracking
 from nanovlm.config import apply_overrides, configs_to_dict, preset
 
@@ -94,52 +95,11 @@ def _answers(address):
     return True
 
 
-def _descendants(pid):
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        current = todo.pop()
-        found.add(current)
-        todo.extend(children.get(current, []))
-    return found
-
-
-def _listening_ips(pids):
-    """Local IPs of the TCP sockets in LISTEN state owned by `pids` (from /proc/net/tcp{,6})."""
-    inodes = set()
-    for pid in pids:
-        for fd in Path(f"/proc/{pid}/fd").glob("*"):
-            try:
-                target = os.readlink(fd)
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    ips = set()
-    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
-        for line in Path(table).read_text().splitlines()[1:]:
-            cols = line.split()
-            if cols[3] == "0A" and cols[9] in inodes:  # 0A = LISTEN
-                ips.add(cols[1].split(":")[0][:width])
-    return ips
-
-
-LOOPBACK = {"0100007F",                               # 127.0.0.1
-            "0000000000000000FFFF00000100007F",       # ::ffff:127.0.0.1
-            "00000000000000000000000001000000"}       # ::1
-
-
-@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux /proc")
+@pytest.mark.skipif(not HAS_PROC_NET, reason="reads Linux /proc")
 def test_cluster_listens_on_loopback_only(cluster):
     head_pid = cluster[2]
-    ips = _listening_ips(_descendants(head_pid))
-    assert ips and ips <= LOOPBACK, ips
+    seen = listeners(descendants(head_pid))
+    assert seen and not_loopback(seen) == [], not_loopback(seen)
 
 
 def test_submitted_job_is_tracked_in_mlflow(cluster, tmp_path):

@@ -14,12 +14,12 @@ import shutil
 import tempfile
 
 import pytest
-import torch
 
 from nanovlm import tracking
 from nanovlm.config import preset
 from nanovlm.distributed import run_training
 from nanovlm.distributed.worker import KILL_ENV
+from training_configs import train_on_global_batches
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -42,37 +42,8 @@ def configs(tmp, **overrides):
 @pytest.fixture(scope="module")
 def reference_losses(tmp_path_factory):
     """Per-step losses of one process trained on the global batch of a 2-worker run."""
-    from nanovlm.data import VQACollator, build_datasets, get_tokenizer
-    from nanovlm.models import VisionLanguageModel
-    from nanovlm.training.loop import seed_everything
-    from nanovlm.training.optim import build_optimizer, build_scheduler, trainable_parameters
-    from nanovlm.training.sampling import ResumableBatchSampler
-
     vlm, train = configs(tmp_path_factory.mktemp("reference"))
-    tokenizer = get_tokenizer(vlm.lm_tokenizer, vlm.vlm_extra_tokens, vlm.lm_chat_template)  # also caches it
-    shards = [build_datasets(vlm, train, tokenizer, rank, WORKERS).train for rank in range(WORKERS)]
-    samplers = [iter(ResumableBatchSampler(len(shard), BATCH, train.seed)) for shard in shards]
-    collator = VQACollator(tokenizer, vlm.lm_max_length)
-
-    seed_everything(train.seed)
-    model = VisionLanguageModel(vlm, load_backbone=False)
-    model.train()
-    optimizer = build_optimizer(model, train)
-    scheduler = build_scheduler(optimizer, train)
-    losses = []
-    for _ in range(STEPS):
-        items = [shard[i] for shard, sampler in zip(shards, samplers) for i in next(sampler)]
-        assert all(int((item["labels"] != -100).sum()) == 2 for item in items)
-        batch = collator(items)
-        _, loss = model(batch["input_ids"], batch["images"], attention_mask=batch["attention_mask"],
-                        targets=batch["labels"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable_parameters(model), train.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-    return losses
+    return train_on_global_batches(vlm, train, WORKERS, STEPS)[0]
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,8 @@ def test_unknown_field_fails_before_any_trial(tmp_path, capsys, monkeypatch):
 def sweep(tmp_path_factory):
     import ray
 
-    from nanovlm.sweep.runner import run_sweep, start_local_ray
+    from nanovlm.distributed.cluster import start_local_ray
+    from nanovlm.sweep.runner import run_sweep
     from nanovlm.sweep.space import load_space
 
     root = tmp_path_factory.mktemp("sweep")

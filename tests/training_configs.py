@@ -18,3 +18,44 @@ def tiny_configs(output_dir, **changes):
 def set_arguments(**changes) -> list[str]:
     """`TINY_SETTINGS` and `changes` as the CLI's `--set field=value` arguments."""
     return [arg for k, v in {**TINY_SETTINGS, **changes}.items() for arg in ("--set", f"{k}={v}")]
+
+
+def train_on_global_batches(vlm, train, world_size: int, steps: int):
+    """The reference of a `world_size`-worker DDP run, built without Ray: one process, one model,
+    and at each step the union of the samples every rank sees (its shard and batch sampler),
+    collated into one batch. Every sample must have 2 supervised tokens (colour and shape
+    questions), so that the mean of the ranks' losses is the loss of that global batch.
+    Returns (per-step losses, initial state_dict, final state_dict)."""
+    import torch
+
+    from nanovlm.data import VQACollator, build_datasets, get_tokenizer
+    from nanovlm.models import VisionLanguageModel
+    from nanovlm.training.loop import seed_everything
+    from nanovlm.training.optim import build_optimizer, build_scheduler, trainable_parameters
+    from nanovlm.training.sampling import ResumableBatchSampler
+
+    tokenizer = get_tokenizer(vlm.lm_tokenizer, vlm.vlm_extra_tokens, vlm.lm_chat_template)  # also caches it
+    shards = [build_datasets(vlm, train, tokenizer, rank, world_size).train for rank in range(world_size)]
+    samplers = [iter(ResumableBatchSampler(len(shard), train.batch_size, train.seed)) for shard in shards]
+    collator = VQACollator(tokenizer, vlm.lm_max_length)
+
+    seed_everything(train.seed)
+    model = VisionLanguageModel(vlm, load_backbone=False)
+    model.train()
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    optimizer = build_optimizer(model, train)
+    scheduler = build_scheduler(optimizer, train)
+    losses = []
+    for _ in range(steps):
+        items = [shard[i] for shard, sampler in zip(shards, samplers) for i in next(sampler)]
+        assert all(int((item["labels"] != -100).sum()) == 2 for item in items)
+        batch = collator(items)
+        _, loss = model(batch["input_ids"], batch["images"], attention_mask=batch["attention_mask"],
+                        targets=batch["labels"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable_parameters(model), train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses, initial, {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -290,13 +290,12 @@ def _measure_with_ray(grid: BenchGrid, todo: list[Point], out: Path) -> dict[str
     import ray
     from ray import tune
 
-    started = False
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()                                  # inside `ray job submit`: the job's cluster
-        else:
-            ray.init(include_dashboard=False, num_cpus=max(int(grid.resources["cpu"]), os.cpu_count() or 1))
-        started = True
+    from nanovlm.distributed.cluster import ensure_ray
+
+    started = not ray.is_initialized()
+    # A submitted job's cluster (RAY_ADDRESS), the latest `ray start`, or a private one on 127.0.0.1
+    # (no dashboard: every trial runs to its end, nothing for the placement-group cleaner to free).
+    ensure_ray(num_cpus=max(int(grid.resources["cpu"]), os.cpu_count() or 1), include_dashboard=False)
     try:
         resources = {"cpu": grid.resources["cpu"], "gpu": grid.resources.get("gpu", 0)}
         space = [{"config": p.config, "measure": grid.measure, "key": p.key, "labels": p.labels,

@@ -56,7 +56,7 @@ def server_env() -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     uri = args.backend_store_uri or tracking.default_tracking_uri()
     if uri.startswith(("http://", "https://")):
-        print(f"The tracking store is already a server: open {uri}")
+        print(f"The tracking store is already a server: open {tracking.masked_uri(uri)}")
         return 0
     db: Optional[Path] = tracking.sqlite_path(uri)
     if db is not None and not db.exists():
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     tracking.check_tracking_store(uri)  # creates the tables of a new SQLite store, names any problem
     command = server_command(uri, args.port)
     address = f"http://127.0.0.1:{args.port}"
-    print(f"MLflow dashboard on {address}  (store: {uri}); Ctrl-C to stop.")
+    print(f"MLflow dashboard on {address}  (store: {tracking.masked_uri(uri)}); Ctrl-C to stop.")
     print(landing_page(uri, address, args.experiment), flush=True)
     # The server runs in its own process group so that stopping this command (Ctrl-C, or
     # SIGTERM from a supervisor or a test) stops the server and every worker it started.

@@ -31,8 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="resume an interrupted sweep: its directory, or (no value) the latest sweep "
                              "of this space's name; finished trials are not run again")
     parser.add_argument("--address", default=None,
-                        help="Ray cluster: 'local' starts a private one for this sweep; default: RAY_ADDRESS, "
-                             "the running local cluster, or a new local one")
+                        help="Ray cluster (GCS host:port): 'local' starts a private one on 127.0.0.1 for this sweep; "
+                             "default: RAY_ADDRESS, else the cluster the last `ray start` recorded, else a private "
+                             "one. An address that does not answer within 20 s is an error")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
 def print_outcome(outcome) -> None:
     """What a person sees at the end: the table, the best trial's per-question accuracy, where
     everything is, and how to look at it."""
+    from nanovlm.tracking import masked_uri
+
     files = outcome.files
     print()
     print(files["results.md"].read_text())
@@ -109,7 +112,7 @@ def print_outcome(outcome) -> None:
         print(f"Best config:      {files['config.json']}")
         print(f"  retrain it:     nanovlm train --config {files['config.json']}")
     print(f"Plots:            {files['metric_vs_fields.png']}, {files['learning_curves.png'].name}")
-    print(f"MLflow:           parent run {outcome.parent_run_id} in {outcome.tracking_uri}")
+    print(f"MLflow:           parent run {outcome.parent_run_id} in {masked_uri(outcome.tracking_uri)}")
     print("Dashboard:        nanovlm dashboard   (then open http://127.0.0.1:5000)")
     if outcome.interrupted:
         print(f"Some trials did not finish (interrupt or time budget). Resume with: "

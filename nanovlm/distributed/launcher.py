@@ -41,6 +41,11 @@ class ClusterResourceError(RuntimeError):
     """The Ray cluster cannot host the requested workers."""
 
 
+class ClusterUnreachableError(ClusterResourceError):
+    """The Ray cluster at the address found does not answer (`cluster.ensure_ray`). A cluster that
+    cannot be reached cannot host the workers either: handled as a ClusterResourceError."""
+
+
 # ==================================================================== configuration
 
 def default_storage_path() -> str:
@@ -91,8 +96,9 @@ def build_trainer(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, run_name: Optio
     this run (on a multi-node cluster, a path every node sees).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
+    from nanovlm.distributed.rendezvous import LoopbackTorchConfig
     from nanovlm.distributed.worker import train_worker
 
     train_cfg = absolute_output_dir(train_cfg)
@@ -104,7 +110,7 @@ def build_trainer(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, run_name: Optio
         train_loop_per_worker=train_worker,
         train_loop_config=worker_config(vlm_cfg, train_cfg, preset_name=preset_name, tracking_spec=tracking_spec,
                                         resume_from=str(Path(resume_from).resolve()) if resume_from else None),
-        torch_config=TorchConfig(backend="nccl" if train_cfg.use_gpu else "gloo"),
+        torch_config=LoopbackTorchConfig(backend="nccl" if train_cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -119,33 +125,6 @@ def build_trainer(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, run_name: Optio
 
 
 # ==================================================================== the cluster
-
-TRAIN_POLL_INTERVAL_S = "0.5"  # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S in the clusters we start
-
-
-def ensure_ray() -> None:
-    """Connect to the running cluster (RAY_ADDRESS, e.g. inside a submitted job, or the latest
-    local cluster); if there is none, start a local one that listens on 127.0.0.1 only."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    # Keeps Ray's listeners on the loopback address on Linux (see docs/ray.md).
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    try:
-        ray.init(address="auto", log_to_driver=True)
-        logger.info("Connected to the Ray cluster at %s", ray.get_runtime_context().gcs_address)
-        return
-    except ConnectionError:
-        pass
-    logger.info("No running Ray cluster found; starting a local one on 127.0.0.1.")
-    # Train's controller reads each worker's report when it polls (every 2 s by default) and Ray
-    # takes a worker's next report only then. Workers report on a thread of their own and skip
-    # metric-only reports while one waits, so polls no longer stall training, but a faster poll
-    # keeps what Tune and the controller see fresh. Ray's processes inherit this environment.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_INTERVAL_S)
-    ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
-
 
 def check_cluster_resources(train_cfg: TrainConfig, resources: Optional[dict[str, float]] = None) -> None:
     """Refuse a run the cluster cannot host (it would wait forever for its placement group).
@@ -222,6 +201,8 @@ def run_training(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Opt
     starts from that checkpoint. Either way the MLflow run it logged to continues."""
     import ray.train
 
+    from nanovlm.distributed.cluster import ensure_ray
+
     vlm_cfg.validate()
     train_cfg.validate()
     check_device_settings(train_cfg)
@@ -293,7 +274,7 @@ def run_training(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Opt
         "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
         "ray_checkpoint": result.checkpoint.path if result.checkpoint else None,
         "mlflow_run_id": spec and spec["run_id"],
-        "tracking_uri": uri,
+        "tracking_uri": tracking.masked_uri(uri),  # printed by the CLI
         "tracking_pending": str(pending) if pending else None,
         "resumed": resuming,
     })

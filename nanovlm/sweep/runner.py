@@ -29,6 +29,7 @@ from ray.tune import Callback
 
 from nanovlm import tracking
 from nanovlm.config import ConfigError, apply_overrides, configs_to_dict
+from nanovlm.distributed.cluster import ensure_ray
 from nanovlm.distributed.launcher import check_cluster_resources, check_device_settings
 from nanovlm.sweep.results import TrialRecord, best_trial, write_results
 from nanovlm.sweep.space import SweepSpec, parse_space, trial_configs
@@ -317,6 +318,13 @@ def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
     from ray import tune
 
     uri = tracking.check_tracking_store(tracking_uri)
+    # Tune checks that every result holds the metric; Train reports between evaluations hold
+    # only step metrics, and invalid trials none. ASHA itself skips results without it.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # Ray before any file or MLflow run of the sweep exists: a dead cluster leaves nothing behind.
+    # The dashboard stays on (ensure_ray's default): with it off, the workers of trials that ASHA
+    # stops are never freed and later trials wait forever.
+    ensure_ray(ray_address)
     if resume_dir is not None:
         sweep_dir = Path(resume_dir).expanduser().resolve()
         state = SweepState.load(sweep_dir)
@@ -340,10 +348,6 @@ def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
     if resume_dir is not None:
         parent._guard("update_run", lambda c: c.update_run(parent.run_id, status="RUNNING"))
 
-    # Tune checks that every result holds the metric; Train reports between evaluations hold
-    # only step metrics, and invalid trials none. ASHA itself skips results without it.
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    _init_ray(ray_address)
     check_cluster_resources(base_train, _resources_minus_driver(spec.driver_cpus))
 
     trainable = tune.with_resources(
@@ -389,48 +393,6 @@ def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
                        "Send it with: nanovlm tracking sync %s", uri, len(pending), sweep_dir, sweep_dir)
     return SweepOutcome(sweep_dir, state.data["parent_run_id"], uri, records, files, best, interrupted,
                         tracking_pending=[str(p) for p in pending])
-
-
-def _init_ray(address: Optional[str]) -> None:
-    """`address="local"`: a new private cluster on 127.0.0.1 that ends with this process; another
-    address: that cluster; None: the running cluster (RAY_ADDRESS, the latest local one) or a new
-    local one (`ensure_ray`). The dashboard stays on: stopped trials' placement groups are freed
-    through the state API in the dashboard process, so with it off ASHA's stopped workers leak
-    and later trials wait forever."""
-    import ray
-
-    from nanovlm.distributed.launcher import ensure_ray
-
-    if ray.is_initialized():
-        return
-    if address == "local":
-        start_local_ray()
-    elif address:
-        ray.init(address=address)
-    else:
-        ensure_ray()
-
-
-def start_local_ray(num_cpus: Optional[int] = None, temp_dir: Optional[str] = None) -> None:
-    """A private Ray cluster on 127.0.0.1 with its dashboard, owned by this process.
-
-    Train's placement-group cleaner finds the state API from its environment, and with no
-    address there it gives up when several Ray clusters run on the machine (CI, a shared box):
-    then the workers of a trial that ASHA stops are never freed. So the dashboard gets a known
-    port, and every Ray process inherits its address (RAY_API_SERVER_ADDRESS) from this one.
-    """
-    import socket
-
-    import ray
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # listeners on loopback (Linux)
-    kwargs: dict[str, Any] = {"_temp_dir": temp_dir} if temp_dir else {}
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port, _node_ip_address="127.0.0.1", **kwargs)
 
 
 def _resources_minus_driver(driver_cpus: float) -> dict[str, float]:
@@ -509,7 +471,8 @@ def _create_parent_run(spec: SweepSpec, sweep_dir: Path, uri: str, experiment_na
     space_file = sweep_dir / "space.yaml"
     space_file.write_text(spec.source_text or _spec_as_yaml(spec))
     client.log_artifact(run.info.run_id, str(space_file))
-    logger.info("MLflow parent run %s (experiment %r) in %s", run.info.run_id, experiment_name, uri)
+    logger.info("MLflow parent run %s (experiment %r) in %s", run.info.run_id, experiment_name,
+                tracking.masked_uri(uri))
     return run.info.run_id
 
 
