@@ -128,10 +128,10 @@ def check_tracking_store(uri: Optional[str] = None, timeout_s: float = 10.0) -> 
             pass  # the server answered; /health may just not exist there
         except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason}). {fix}") from None
+            raise TrackingError(f"MLflow tracking server {masked_uri(uri)} is unreachable ({reason}). {fix}") from None
     elif scheme == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
         raise TrackingError(
-            f"MLflow tracking URI {uri} is a file store, which MLflow {_mlflow_version()} refuses "
+            f"MLflow tracking URI {masked_uri(uri)} is a file store, which MLflow {_mlflow_version()} refuses "
             "(maintenance mode). Use a SQLite file, e.g. MLFLOW_TRACKING_URI=sqlite:////abs/path/mlflow.db.")
     db = sqlite_path(uri)
     if db is not None:
@@ -144,7 +144,7 @@ def check_tracking_store(uri: Optional[str] = None, timeout_s: float = 10.0) -> 
     try:
         _client(uri).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track"
-        raise TrackingError(f"MLflow tracking store {uri} does not answer: {type(exc).__name__}: {exc}. {fix}") from None
+        raise TrackingError(f"MLflow tracking store {masked_uri(uri)} does not answer: {type(exc).__name__}: {exc}. {fix}") from None
     return uri
 
 
@@ -295,7 +295,7 @@ def create_run(config: dict[str, dict[str, Any]], *, uri: Optional[str] = None,
     params = [Param(k, v) for k, v in flatten_config(config).items()]
     for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
         client.log_batch(run.info.run_id, params=params[i:i + 100])
-    logger.info("MLflow run %s (experiment %r) in %s", run.info.run_id, experiment_name, uri)
+    logger.info("MLflow run %s (experiment %r) in %s", run.info.run_id, experiment_name, masked_uri(uri))
     return run.info.run_id
 
 
@@ -311,13 +311,13 @@ def start_training_run(config: dict[str, dict[str, Any]], *, uri: str, run_name:
             logged = client.get_run(run_id).data.params
         except Exception as exc:  # noqa: BLE001 - e.g. deleted from the store: start a new run
             logger.warning("MLflow run %s of the resumed checkpoint is not in %s (%s); logging to a new run.",
-                           run_id, uri, exc)
+                           run_id, masked_uri(uri), exc)
         else:
             client.update_run(run_id, status="RUNNING")
             changed = {k: v for k, v in flatten_config(config).items() if not _same_param(logged.get(k), v)}
             if changed:
                 client.set_tag(run_id, RESUMED_WITH_TAG, json.dumps(changed, sort_keys=True)[:5000])
-            logger.info("MLflow run %s continues (resumed) in %s", run_id, uri)
+            logger.info("MLflow run %s continues (resumed) in %s", run_id, masked_uri(uri))
             return run_id
     return create_run(config, uri=uri, experiment_name=config["train"]["experiment_name"], run_name=run_name,
                       tags=tags)
@@ -351,7 +351,7 @@ def recorded_run_id(checkpoint_dir: str | Path, uri: str) -> Optional[str]:
     record = json.loads(path.read_text())
     if record.get("tracking_uri") != uri:
         logger.info("Checkpoint %s was tracked in %s, not %s: a new MLflow run starts.",
-                    checkpoint_dir, record.get("tracking_uri"), uri)
+                    checkpoint_dir, masked_uri(record.get("tracking_uri")), masked_uri(uri))
         return None
     return record.get("run_id")
 
@@ -384,7 +384,7 @@ class TrackingRun:
         except Exception as exc:  # noqa: BLE001 - tracking must never stop training
             self.failures += 1
             logger.warning("MLflow %s failed for run %s at %s (training continues): %s: %s",
-                           what, self.run_id, self.uri, type(exc).__name__, exc)
+                           what, self.run_id, masked_uri(self.uri), type(exc).__name__, exc)
             return False
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:

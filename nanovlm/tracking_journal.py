@@ -421,7 +421,7 @@ class JournaledRun:
         if complete:
             return None
         logger.warning("MLflow store %s did not take everything before the %.0f s deadline; %s of run %s wait "
-                       "in %s. Send them with: nanovlm tracking sync %s", self.uri,
+                       "in %s. Send them with: nanovlm tracking sync %s", tracking.masked_uri(self.uri),
                        deadline_s() if deadline is None else deadline, description, self.run_id,
                        self.journal.dir, self.journal.dir)
         return self.journal.dir

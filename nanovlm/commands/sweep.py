@@ -74,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"nanovlm sweep: {failure} (results in {outcome.files['results.md']})", file=sys.stderr)
         return 1
     if outcome.tracking_pending:
-        print(f"nanovlm sweep: the MLflow store {outcome.tracking_uri} did not take everything; "
+        from nanovlm.tracking import masked_uri
+
+        print(f"nanovlm sweep: the MLflow store {masked_uri(outcome.tracking_uri)} did not take everything; "
               f"{len(outcome.tracking_pending)} run journal(s) hold the rest. When the store answers, send it with: "
               f"nanovlm tracking sync {outcome.sweep_dir}", file=sys.stderr)
         return 3

@@ -390,7 +390,8 @@ def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
     pending = pending_journals(sweep_dir)
     if pending:
         logger.warning("MLflow store %s did not take everything; the rest waits in %d journal(s) under %s. "
-                       "Send it with: nanovlm tracking sync %s", uri, len(pending), sweep_dir, sweep_dir)
+                       "Send it with: nanovlm tracking sync %s", tracking.masked_uri(uri), len(pending), sweep_dir,
+                       sweep_dir)
     return SweepOutcome(sweep_dir, state.data["parent_run_id"], uri, records, files, best, interrupted,
                         tracking_pending=[str(p) for p in pending])
 

@@ -113,5 +113,5 @@ def train_tracked(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Op
     except BaseException:
         hooks.close("FAILED")
         raise
-    return {**summary, "mlflow_run_id": run and run.run_id, "tracking_uri": uri,
+    return {**summary, "mlflow_run_id": run and run.run_id, "tracking_uri": tracking.masked_uri(uri),
             "tracking_pending": str(hooks.pending) if hooks.pending else None}
