@@ -135,14 +135,14 @@ def test_bad_input_is_one_line_naming_the_file_or_field(case, inputs, capsys):
 
 @pytest.mark.parametrize("route", ["one process", "ray train"])
 def test_an_output_path_that_is_a_file_fails_before_training(route, inputs, monkeypatch, capsys):
-    import nanovlm.distributed.launcher
+    import nanovlm.distributed.cluster
     import nanovlm.training.tracked
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("training started despite an unwritable output_dir")
 
     monkeypatch.setattr(nanovlm.training.tracked, "train", must_not_run)
-    monkeypatch.setattr(nanovlm.distributed.launcher, "ensure_ray", must_not_run)
+    monkeypatch.setattr(nanovlm.distributed.cluster, "ensure_ray", must_not_run)
     workers = ["--num-workers", "2"] if route == "ray train" else []
     start = time.perf_counter()
     assert main(["train", "--preset", "tiny", "--output", str(inputs / "a_file"), *workers]) == 2
