@@ -502,9 +502,18 @@ def sync(path: str | Path, uri: Optional[str] = None) -> list[SyncResult]:
     return [_sync_one(directory, uri) for directory in journals]
 
 
-def _sync_one(directory: Path, uri: Optional[str]) -> SyncResult:
+def settle(path: str | Path, wait_s: float = LOCK_WAIT_S) -> list[Path]:
+    """Send what the journals under `path` still hold and return those that still hold something.
+    A journal that a process still writes is waited for, up to `wait_s` each: the workers of a
+    trial that Tune stopped go on for a moment after its run was ended, and may journal a step."""
+    for directory in pending_journals(path):
+        _sync_one(directory, None, wait_s=wait_s)
+    return pending_journals(path)
+
+
+def _sync_one(directory: Path, uri: Optional[str], wait_s: float = 0.0) -> SyncResult:
     try:
-        journal = RunJournal(directory)
+        journal = RunJournal(directory, wait_s=wait_s)
     except JournalBusy as exc:
         return SyncResult(directory, None, "nothing", None, str(exc))
     try:

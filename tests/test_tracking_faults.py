@@ -105,6 +105,26 @@ def test_a_line_cut_by_a_kill_is_dropped_and_logged_by_the_next_attempt(store, t
     assert _history(store, run_id) == [(1, 1.0), (2, 2.5)]
 
 
+def test_a_step_journalled_after_its_run_was_ended_is_sent_when_the_sweep_settles(store, tmp_path, monkeypatch):
+    # ASHA stops a trial: the sweep ends its run while the trial's worker, not yet killed, still
+    # holds the journal and writes one more step. The sweep's last act sends it.
+    import nanovlm.tracking_journal as tracking_journal
+
+    run_id = _new_run(store)
+    worker = JournaledRun(run_id, store, tmp_path, flush_every=1)
+    for step in (1, 2, 3):
+        worker.log_metrics({"loss": float(step)}, step)
+    monkeypatch.setattr(tracking_journal, "LOCK_WAIT_S", 0.1)   # the worker still holds the lock
+    ender = JournaledRun(run_id, store, tmp_path)
+    assert ender.close("FINISHED") is None
+    worker.log_metrics({"loss": 4.0}, 4)                         # after the run was ended
+    _die(worker)
+    assert tracking_journal.pending_journals(tmp_path)
+    assert tracking_journal.settle(tmp_path, wait_s=1.0) == []
+    assert _history(store, run_id) == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
+    assert tracking._client(store).get_run(run_id).info.status == "FINISHED"
+
+
 def test_kill_points_take_several_rank_step_pairs():
     assert kill_points("0:3,0:7") == {(0, 3), (0, 7)}
     assert kill_points("1:5") == {(1, 5)}

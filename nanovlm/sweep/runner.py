@@ -33,7 +33,7 @@ from nanovlm.distributed.cluster import ensure_ray
 from nanovlm.distributed.launcher import check_cluster_resources, check_device_settings
 from nanovlm.sweep.results import TrialRecord, best_trial, write_results
 from nanovlm.sweep.space import SweepSpec, parse_space, trial_configs
-from nanovlm.tracking_journal import JournaledRun, pending_journals
+from nanovlm.tracking_journal import JournaledRun, settle
 
 logger = logging.getLogger(__name__)
 
@@ -387,7 +387,7 @@ def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
     files = write_results(records, spec, sweep_dir / "results")
     best = best_trial(records, spec.metric, spec.mode)
     _finish_parent(JournaledRun(parent.run_id, uri, sweep_dir), spec, records, best, files, interrupted)
-    pending = pending_journals(sweep_dir)
+    pending = settle(sweep_dir)
     if pending:
         logger.warning("MLflow store %s did not take everything; the rest waits in %d journal(s) under %s. "
                        "Send it with: nanovlm tracking sync %s", tracking.masked_uri(uri), len(pending), sweep_dir,
