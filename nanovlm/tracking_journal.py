@@ -294,7 +294,8 @@ def _lock(directory: Path, *, create: bool, wait_s: float, must_lock: bool) -> t
                 message = (f"The MLflow journal {directory} is being written by process {holder}; "
                            "sync it once that run has ended.")
                 if not must_lock:  # a process that should be gone by now; both journal the same steps
-                    logger.warning("%s Writing it anyway.", message)
+                    # Not waiting at all was the caller's choice (it expects the writer): no warning.
+                    logger.log(logging.WARNING if wait_s > 0 else logging.DEBUG, "%s Writing it anyway.", message)
                     return fd, False
                 os.close(fd)
                 raise JournalBusy(message) from None
@@ -356,10 +357,14 @@ class JournaledRun:
     `output_dir`, a daemon thread sends it. No method blocks on the store except `close`, which
     waits up to its deadline."""
 
-    def __init__(self, run_id: str, uri: str, output_dir: str | Path, *, flush_every: int = 10):
+    def __init__(self, run_id: str, uri: str, output_dir: str | Path, *, flush_every: int = 10,
+                 lock_wait_s: float = LOCK_WAIT_S):
+        """lock_wait_s: how long to wait for a process still writing this journal (a restarted Ray
+        worker's predecessor) before writing beside it; 0 where that process is expected to go on
+        for a moment (the workers of a trial Tune stopped, whose journal the sweep settles later)."""
         self.run_id, self.uri = run_id, uri
         self.flush_every = max(1, flush_every)
-        self.journal = RunJournal(journal_dir(output_dir, run_id), run_id=run_id, uri=uri, wait_s=LOCK_WAIT_S,
+        self.journal = RunJournal(journal_dir(output_dir, run_id), run_id=run_id, uri=uri, wait_s=lock_wait_s,
                                   must_lock=False)
         self.journal.request_status(None)  # running (again)
         self.failures = 0      # failed tries to reach the store

@@ -105,7 +105,7 @@ def test_a_line_cut_by_a_kill_is_dropped_and_logged_by_the_next_attempt(store, t
     assert _history(store, run_id) == [(1, 1.0), (2, 2.5)]
 
 
-def test_a_step_journalled_after_its_run_was_ended_is_sent_when_the_sweep_settles(store, tmp_path, monkeypatch):
+def test_a_step_journalled_after_its_run_was_ended_is_sent_when_the_sweep_settles(store, tmp_path):
     # ASHA stops a trial: the sweep ends its run while the trial's worker, not yet killed, still
     # holds the journal and writes one more step. The sweep's last act sends it.
     import nanovlm.tracking_journal as tracking_journal
@@ -114,8 +114,7 @@ def test_a_step_journalled_after_its_run_was_ended_is_sent_when_the_sweep_settle
     worker = JournaledRun(run_id, store, tmp_path, flush_every=1)
     for step in (1, 2, 3):
         worker.log_metrics({"loss": float(step)}, step)
-    monkeypatch.setattr(tracking_journal, "LOCK_WAIT_S", 0.1)   # the worker still holds the lock
-    ender = JournaledRun(run_id, store, tmp_path)
+    ender = JournaledRun(run_id, store, tmp_path, lock_wait_s=0.0)   # the worker still holds the lock
     assert ender.close("FINISHED") is None
     worker.log_metrics({"loss": 4.0}, 4)                         # after the run was ended
     _die(worker)

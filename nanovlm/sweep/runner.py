@@ -260,7 +260,9 @@ class SweepTracker(Callback):
             return
         # Through the trial's journal: it first sends what a stopped trial's rank 0 left there,
         # and keeps the status for `nanovlm tracking sync` if the store is down.
-        run = JournaledRun(entry["run_id"], self.uri, self.state.path.parent / "trials" / trial_id)
+        # A stopped trial's workers may not have exited yet: write beside them rather than wait (the
+        # sweep settles every trial's journal at its end).
+        run = JournaledRun(entry["run_id"], self.uri, self.state.path.parent / "trials" / trial_id, lock_wait_s=0.0)
         # the reason is always set, so that a resumed trial loses its earlier "stopped" reason
         run.set_tags({STATUS_TAG: entry["status"], REASON_TAG: (entry.get("reason") or "")[:5000]})
         run.close(mlflow_status)
