@@ -72,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
         uri = tracking.check_tracking_store(tracking.absolute_uri(tracking.default_tracking_uri()))
     img_size = _img_size(checkpoint_dir)
     questions = {task.name: load_questions(task, sources.get(task.name), args.split,
-                                           shapes_settings(train_config, img_size))
-                 for task, _ in tasks}
+                                           shapes_settings(train_config, img_size), limit)
+                 for task, limit in tasks}
 
     answerer = Answerer.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer, device=args.device)
     results, predictions = {}, {}

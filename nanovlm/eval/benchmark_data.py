@@ -21,16 +21,20 @@ SHAPES = "shapes"
 
 
 def load_questions(task: Task, source: str | None = None, split: str | None = None,
-                   shapes_settings: dict[str, Any] | None = None) -> Sequence[dict]:
+                   shapes_settings: dict[str, Any] | None = None, limit: int | None = None) -> Sequence[dict]:
     """The rows of `task` from `source` (default: its Hub dataset), in `split` (default: the
     task's; a local copy with one split is used whole). `shapes_settings`: the shapes dataset's
-    settings (TrainConfig.shapes_*) when `source` is 'shapes'."""
+    settings (`shapes_settings()`) when `source` is 'shapes', which then makes `limit` questions
+    (default: its size)."""
     source = source or task.hub_id
     if source == SHAPES:
         if task.name != "mmstar":
             raise DatasetError(f"--dataset shapes holds multiple-choice questions in MMStar's schema; task "
                                f"{task.name!r} needs its own benchmark (a local copy or a Hub id).")
-        return shapes_mmstar_rows(**(shapes_settings or {}))
+        settings = dict(shapes_settings or {})
+        if limit is not None:
+            settings["size"] = limit
+        return shapes_mmstar_rows(**settings)
     path = Path(source).expanduser()
     rows = _split(_load_local(path) if path.exists() else _load_hub(task, source, split), split or task.split,
                   source, exact=split is not None)

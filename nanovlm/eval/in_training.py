@@ -35,8 +35,8 @@ class TrainingBenchmarks:
         self.tasks = parse_task_list(train_cfg.eval_tasks, train_cfg.eval_tasks_limit, what="eval_tasks")
         settings = shapes_settings(train_cfg.to_dict(), vlm_cfg.vit_img_size)
         self.questions = {task.name: load_questions(task, train_cfg.eval_tasks_datasets.get(task.name),
-                                                    shapes_settings=settings)
-                          for task, _ in self.tasks}
+                                                    shapes_settings=settings, limit=limit)
+                          for task, limit in self.tasks}
 
     def __call__(self, model: torch.nn.Module, tokenizer: Any, *, batch_size: int, device: torch.device,
                  autocast: Callable[[], Any] = contextlib.nullcontext, rank: int = 0, world_size: int = 1
