@@ -223,13 +223,18 @@ def choice_attributes(question_types: Sequence[str]) -> tuple[str, ...]:
 
 def _choice_question(rng: random.Random, objects: tuple[ShapeObject, ...],
                      question_types: tuple[str, ...]) -> ShapesSample:
-    """An open question of an attribute with options, as MMStar writes them: up to four values,
-    the right one among them at a uniformly drawn letter."""
+    """An open question of an attribute with options, as MMStar writes them: the right value and
+    up to three others drawn uniformly, listed in the attribute's own order (as exams list numbers
+    in order). The right letter then depends on the image and on the other options: a model that
+    ignores the options guesses it right about half the time, one that reads them always; a tiny
+    model learns that in a few hundred steps, where matching options shuffled into a random order
+    took it thousands (benchmarks/records/2026-12-06-eval-batching.md)."""
     attribute = rng.choice(choice_attributes(question_types))
     open_question = _question(rng, objects, (attribute,))
-    wrong = [v for v in CHOICE_OPTIONS[attribute] if v != open_question.answer]
-    options = rng.sample(wrong, min(len(CHOICE_LETTERS) - 1, len(wrong)))
-    options.insert(rng.randrange(len(options) + 1), open_question.answer)
+    values = CHOICE_OPTIONS[attribute]
+    wrong = [v for v in values if v != open_question.answer]
+    options = rng.sample(wrong, min(len(CHOICE_LETTERS) - 1, len(wrong))) + [open_question.answer]
+    options.sort(key=values.index)
     listed = ", ".join(f"{letter}: {value}" for letter, value in zip(CHOICE_LETTERS, options))
     answer = CHOICE_LETTERS[options.index(open_question.answer)]
     return ShapesSample(objects, CHOICE, f"{open_question.question}\nOptions: {listed}", answer, attribute)
