@@ -226,9 +226,9 @@ def _choice_question(rng: random.Random, objects: tuple[ShapeObject, ...],
     """An open question of an attribute with options, as MMStar writes them: the right value and
     up to three others drawn uniformly, listed in the attribute's own order (as exams list numbers
     in order). The right letter then depends on the image and on the other options: a model that
-    ignores the options guesses it right about half the time, one that reads them always; a tiny
-    model learns that in a few hundred steps, where matching options shuffled into a random order
-    took it thousands (benchmarks/records/2026-12-06-eval-batching.md)."""
+    ignores the options guesses it right about half the time, one that reads them always. A small
+    model learns that in a few hundred steps; options in a random order were not learned in 1500
+    (docs/eval.md)."""
     attribute = rng.choice(choice_attributes(question_types))
     open_question = _question(rng, objects, (attribute,))
     values = CHOICE_OPTIONS[attribute]
