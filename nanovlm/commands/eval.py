@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         params = {"checkpoint": args.checkpoint, "tasks": args.task, "split": args.split, "limit": args.limit,
                   "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
                   **{f"dataset.{task.name}": sources.get(task.name, task.hub_id) for task, _ in tasks}}
-        metrics = {**as_metrics(results), **{f"eval_{name}_n": float(r["n"]) for name, r in results.items()}}
+        metrics = as_metrics(results)
         experiment = args.experiment or (train_config or {}).get("experiment_name") or "nanovlm"
         run_id = log_eval_run(metrics, params, files, checkpoint_dir=checkpoint_dir, uri=uri,
                               experiment_name=experiment,

@@ -7,7 +7,7 @@
 The loop calls `TrainingBenchmarks` at every `eval_interval` and at the end, after the
 validation loss and accuracy. Each rank answers a strided share of the first questions and
 the predictions are gathered, so every rank (rank 0 logs and reports) gets the same scores:
-`eval_<task>_<metric>` and `eval_<task>_<metric>_<category>`, merged into the step's eval
+`eval_<task>_<metric>`, `eval_<task>_<metric>_<category>` and `eval_<task>_n`, merged into the step's eval
 metrics (MLflow, Ray reports, Tune's `metric`, summary.json).
 """
 

@@ -9,7 +9,7 @@ Output directory:
 
 MLflow: a run of its own, nested under the checkpoint's training run when the checkpoint's run
 record (`mlflow_run.json`) names one in the same store; params say what was evaluated, metrics
-are `runner.as_metrics` (plus eval_<task>_n), the three files are artifacts.
+are `runner.as_metrics`, the three files are artifacts.
 """
 
 from __future__ import annotations

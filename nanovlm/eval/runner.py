@@ -101,11 +101,13 @@ def _score(task: Task, predictions: Sequence[dict[str, Any]]) -> float:
 
 
 def as_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Results as flat metrics: eval_<task>_<metric> and eval_<task>_<metric>_<category>."""
+    """Results as flat metrics: eval_<task>_<metric>, eval_<task>_<metric>_<category>, and
+    eval_<task>_n, the number of questions scored."""
     metrics: dict[str, float] = {}
     for name, result in results.items():
         key = f"eval_{name}_{result['metric']}"
         metrics[key] = float(result[result["metric"]])
+        metrics[f"eval_{name}_n"] = float(result["n"])
         for category, score in result["by_category"].items():
             metrics[f"{key}_{category_key(category)}"] = float(score)
     return metrics

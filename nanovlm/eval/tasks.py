@@ -169,7 +169,3 @@ def category_key(category: str) -> str:
     """A category as part of a metric name: 'science & technology' -> 'science_technology'."""
     return _NOT_IN_A_NAME.sub("_", str(category).lower()).strip("_") or "none"
 
-
-def is_headline_metric(key: str) -> bool:
-    """Whether `key` is a task's score (eval_mmstar_accuracy), not one of its categories."""
-    return key in {task.metric_key for task in TASKS.values()}
