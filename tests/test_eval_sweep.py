@@ -6,6 +6,8 @@ trial's summary.json keeps them."""
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -47,7 +49,8 @@ def sweep(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("eval-sweep")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # fast reports (see notes)
-    start_local_ray(num_cpus=2, temp_dir=str(root / "ray"))
+    ray_dir = tempfile.mkdtemp(prefix="ray-")   # short: Ray's socket paths must fit in 107 bytes
+    start_local_ray(num_cpus=2, temp_dir=ray_dir)
     try:
         path = root / "space.yaml"
         path.write_text(yaml.safe_dump(SPACE, sort_keys=False))
@@ -55,6 +58,7 @@ def sweep(tmp_path_factory):
     finally:
         ray.shutdown()
         os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 def _children(outcome):
