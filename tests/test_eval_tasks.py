@@ -4,6 +4,7 @@ lmms-eval prompts it, and scored by its metric. A scripted answerer stands in fo
 these tests are about the tasks, tests/test_eval.py about the model."""
 
 import json
+import re
 
 import datasets
 import pytest
@@ -144,3 +145,17 @@ def test_shapes_questions_in_mmstar_schema():
     assert rows[0]["image"].size == (32, 32)
     with pytest.raises(DatasetError, match="task 'textvqa' needs its own benchmark"):
         load_questions(TASKS["textvqa"], "shapes")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"eval_tasks": "mmstar:0"}, "has limit '0'"),
+    ({"eval_tasks": "mmstr"}, "Unknown benchmark task 'mmstr'"),
+    ({"eval_tasks": "mmstar", "eval_tasks_limit": 0}, "eval_tasks_limit=0 must be positive"),
+    ({"eval_tasks": "mmstar", "eval_tasks_datasets": {"ai2d": "/data/ai2d"}}, "names ['ai2d']"),
+    ({"eval_tasks_datasets": {"mmstar": "shapes"}}, "eval_tasks is empty"),
+])
+def test_training_eval_tasks_are_checked_with_the_config(changes, message):
+    from nanovlm.config import ConfigError, preset
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        preset("tiny", **changes)[1].validate()
