@@ -58,7 +58,8 @@ class Shard:
 
 
 class ReadCounter:
-    """Rows read from storage (stride-skipped ones included): what the per-rank tests count."""
+    """Rows read from storage, those passed over included (stride-skipped rows, a parquet row
+    group's rows before a seek's target): what the per-rank tests count."""
 
     def __init__(self):
         self.rows = 0
@@ -160,7 +161,7 @@ def after(shards: list[Shard], index: int, offset: int) -> list[Shard]:
 def read_shard(shard: Shard, offset: int, counter: ReadCounter) -> Iterator[dict[str, Any]]:
     """The shard's rows from its `offset`-th on, normalised. Counts every row read in `counter`."""
     first = shard.start + offset * shard.step
-    for index, row in enumerate(_read_fragment(shard.fragment, first)):
+    for index, row in enumerate(_read_fragment(shard.fragment, first, counter)):
         position = first + index
         if shard.stop is not None and position >= shard.stop:
             return
@@ -169,14 +170,17 @@ def read_shard(shard: Shard, offset: int, counter: ReadCounter) -> Iterator[dict
             yield normalize_row(row, shard.fragment.base_dir)
 
 
-def _read_fragment(fragment: Fragment, first: int) -> Iterator[dict[str, Any]]:
-    """Raw rows of a fragment from its `first` row on."""
+def _read_fragment(fragment: Fragment, first: int, counter: ReadCounter) -> Iterator[dict[str, Any]]:
+    """Raw rows of a fragment from its `first` row on; `counter` gets the rows read to get there."""
     if fragment.kind == "parquet":
         import pyarrow.parquet as pq
         seen = 0
         for batch in pq.ParquetFile(fragment.path).iter_batches(batch_size=READ_BATCH, row_groups=[fragment.part]):
             if seen + batch.num_rows > first:
+                counter.rows += max(0, first - seen)     # the batch's rows before `first` were decoded too
                 yield from batch.slice(max(0, first - seen)).to_pylist()
+            else:
+                counter.rows += batch.num_rows
             seen += batch.num_rows
     elif fragment.kind == "arrow":
         table = _arrow(fragment.path, fragment.split).with_format("arrow")

@@ -64,6 +64,9 @@ class SourceStream:
                 if self.state["shard"] == len(self.shards):
                     self._next_epoch()
                 shard = self.shards[self._order[self.state["shard"]]]
+                if shard.rows is not None and self.state["offset"] >= shard.rows:   # read to its end
+                    self.state = {**self.state, "shard": self.state["shard"] + 1, "offset": 0}
+                    continue
                 self._rows = read_shard(shard, self.state["offset"], self.counter)
             row = next(self._rows, None)
             if row is not None:
