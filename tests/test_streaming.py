@@ -105,3 +105,17 @@ def test_a_resumed_streaming_run_reproduces_the_uninterrupted_losses(tmp_path, p
     for step in (4, 5, 6):
         assert resumed.losses[step] == pytest.approx(full.losses[step], rel=1e-6, abs=1e-7), step
     assert summary["data"]["streaming"]
+
+
+def test_remote_files_are_streamed_one_file_per_rank(tmp_path):
+    # a URI (s3://, gs://, ... here file://) is read by `datasets` streaming through fsspec; its
+    # files are the shards, and relative image paths are read from the files' directory
+    for k in range(2):
+        write_parquet(tmp_path / f"train-{k}.parquet", 128, first_id=128 * k)   # 8 windows of 16 rows
+    for rank in range(2):
+        splits, tokenizer, vlm = _stream(tmp_path, rank, 2, train_dataset_path=f"file://{tmp_path}/train-*.parquet",
+                                         val_ratio=0.0, batch_size=4)
+        _, sampler, _ = splits.train.loader_parts(VQACollator(tokenizer, vlm.lm_max_length))
+        batches = iter(sampler)
+        share = [row["id"] for _ in range(32) for row in next(batches)]
+        assert sampler.rows_read == 128 and sorted(share) == list(range(128 * rank, 128 * rank + 128))

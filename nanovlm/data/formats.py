@@ -110,6 +110,8 @@ def resolve_path(path: str, base_dir: str | Path | AmbiguousPaths | None) -> str
 
     if base_dir is None or Path(path).is_absolute() or "://" in path:
         return path
+    if isinstance(base_dir, str) and "://" in base_dir:   # a remote file's directory (s3://bucket/dir)
+        return f"{base_dir.rstrip('/')}/{path}"
     if isinstance(base_dir, AmbiguousPaths):
         raise DatasetError(f"Image path {path!r} in the files {base_dir.files} is relative, and they are in several "
                            "directories, so it is ambiguous; make the paths absolute or put the data files in one "
@@ -149,6 +151,10 @@ def open_image(image: Any, decode: bool = True) -> Image.Image:
         return image
     if isinstance(image, dict) and (image.get("bytes") or image.get("path")):
         source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+        if isinstance(source, str) and "://" in source:   # s3://, gs://, https://: through fsspec
+            import fsspec
+            with fsspec.open(source, "rb") as f:
+                source = io.BytesIO(f.read())
         opened = Image.open(source)
         if decode:
             opened.load()

@@ -110,7 +110,8 @@ def _stream_fragments(source, split: str) -> list[Fragment]:
     for subset in (subsets if source.format == "hub" else (None,)):
         data = _stream(source.path, subset, split, files)
         if data is not None:
-            found += [Fragment("stream", source.path, (subset, i, files), None, split=split)
+            base = source.path.rsplit("/", 1)[0] if source.format == "remote" else None   # relative image paths
+            found += [Fragment("stream", source.path, (subset, i, files), None, base, split)
                       for i in range(data.num_shards)]
     return found
 
