@@ -29,11 +29,13 @@ def _timed_run(out, dataset, **changes):
 @pytest.mark.timeout(120)
 def test_five_steps_on_300k_rows_start_about_as_fast_as_on_1k(tmp_path):
     large = write_parquet(tmp_path / "large" / "rows.parquet", 300_000)
-    _timed_run(tmp_path / "warm", write_parquet(tmp_path / "warm" / "rows.parquet", 20))  # imports, tokenizer
-    # the machine is shared: the best of two runs each, interleaved; each 1k run on its own copy,
+    warm = write_parquet(tmp_path / "warm" / "rows.parquet", 20)
+    for stream in (False, True):   # both code paths' first imports, the tokenizer
+        _timed_run(tmp_path / f"warm{stream}", warm, stream_dataset=stream)
+    # the machine is shared: the best of three runs each, interleaved; each 1k run on its own copy,
     # so that both are first runs (no conversion or scan cached)
     small_s, large_s = [], []
-    for attempt in range(2):
+    for attempt in range(3):
         small = write_parquet(tmp_path / f"small{attempt}" / "rows.parquet", 1_000)
         seconds, small_summary = _timed_run(tmp_path / f"out_small{attempt}", small)
         small_s.append(seconds)
@@ -119,3 +121,14 @@ def test_remote_files_are_streamed_one_file_per_rank(tmp_path):
         batches = iter(sampler)
         share = [row["id"] for _ in range(32) for row in next(batches)]
         assert sampler.rows_read == 128 and sorted(share) == list(range(128 * rank, 128 * rank + 128))
+
+
+def test_a_checkpoint_resumes_only_in_the_mode_that_wrote_it(tmp_path):
+    dataset = write_parquet(tmp_path / "rows.parquet", 64)
+    changes = dict(train_dataset_path=str(dataset), max_training_steps=1, checkpoint_interval=1)
+    for stream, other in ((True, "stream_dataset=true"), (False, "stream_dataset=false")):
+        out = tmp_path / f"stream-{stream}"
+        train(*tiny_configs(out, stream_dataset=stream, **changes))
+        with pytest.raises(ValueError, match=other):
+            train(*tiny_configs(tmp_path / "again", stream_dataset=not stream, **changes),
+                  resume_from=out / "checkpoints" / "step_000001")

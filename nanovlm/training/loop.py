@@ -199,6 +199,7 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None =
     entered the process (the front doors, a Ray worker) pass False.
     """
     from nanovlm.data import VQACollator, build_datasets, get_tokenizer
+    from nanovlm.data.local_files import DatasetError
 
     wall_start = time.perf_counter()
     hooks = hooks or TrainHooks()
@@ -257,8 +258,11 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None =
     datasets = build_datasets(vlm_cfg, train_cfg, tokenizer, rank, world_size)
     train_ds, val_ds = datasets.train, datasets.val
     collator = VQACollator(tokenizer, vlm_cfg.lm_max_length)   # evaluation's, and training's unless packing
-    if datasets.streaming:   # the position is the stream's own (docs/data.md, Streaming)
+    if datasets.streaming:   # the position is the stream's own (docs/data.md, Map-style and streamed)
         train_items, sampler, train_collate = train_ds.loader_parts(collator, data_position)
+    elif data_position is not None and "stream" in data_position:
+        raise DatasetError("The checkpoint was written by streamed training (its data position is a place in the "
+                           "stream); resume it with stream_dataset=true.")
     elif train_cfg.packing:
         train_items, sampler, train_collate = _packed_training_data(
             train_ds, vlm_cfg, train_cfg, tokenizer, datasets.sampler_rank, datasets.sampler_world_size,
