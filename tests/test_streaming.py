@@ -1,11 +1,13 @@
 """Streamed training data (docs/data.md, Streaming): start-up does not grow with the dataset, each
 worker reads only its own rows, and a resumed run goes on from the checkpoint's data position."""
 
+import io
 import time
 
 import pytest
+from PIL import Image
 
-from data_files import write_parquet
+from data_files import cauldron_rows, write_images, write_jsonl, write_parquet
 from nanovlm.data import VQACollator, build_datasets, get_tokenizer
 from nanovlm.training import TrainHooks, train
 from nanovlm.training.checkpointing import load_train_state
@@ -132,3 +134,18 @@ def test_a_checkpoint_resumes_only_in_the_mode_that_wrote_it(tmp_path):
         with pytest.raises(ValueError, match=other):
             train(*tiny_configs(tmp_path / "again", stream_dataset=not stream, **changes),
                   resume_from=out / "checkpoints" / "step_000001")
+
+
+def test_a_streamed_image_that_fails_to_decode_is_left_out_and_counted(tmp_path):
+    # its header reads (so the row passes the check as it is streamed) but its pixels do not; with
+    # one row a batch, its batch is empty and the loop passes over it
+    write_images(tmp_path)
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(png, "PNG")
+    (tmp_path / "truncated.png").write_bytes(png.getvalue()[:60])
+    rows = cauldron_rows(12)
+    rows[2]["images"] = ["truncated.png"]
+    dataset = write_jsonl(tmp_path / "rows.jsonl", rows)
+    summary = train(*tiny_configs(tmp_path / "out", train_dataset_path=str(dataset), stream_dataset=True,
+                                  val_ratio=0.0, batch_size=1, max_training_steps=8))
+    assert summary["steps"] == 8 and summary["data"]["skipped"] == {"unreadable_image": 1}

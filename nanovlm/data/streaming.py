@@ -250,7 +250,8 @@ class StreamItems(torch.utils.data.Dataset):
 
 class SkippingCollate:
     """The collator applied to the items that loaded; the number that did not goes in the batch
-    as `skipped_at_load` (the loop adds it to the run's counts)."""
+    as `skipped_at_load` (the loop adds it to the run's counts, and passes over a batch that is
+    nothing else: none of its items loaded)."""
 
     def __init__(self, collate, packed: bool):
         self.collate, self.packed = collate, packed
@@ -259,9 +260,12 @@ class SkippingCollate:
         if self.packed:
             kept = [[item for item in group if item is not None] for group in loaded]
             failed = sum(len(group) for group in loaded) - sum(len(group) for group in kept)
+            kept = [group for group in kept if group]
         else:
             kept = [item for item in loaded if item is not None]
             failed = len(loaded) - len(kept)
+        if not kept:
+            return {"skipped_at_load": failed}
         batch = self.collate(kept)
         batch["skipped_at_load"] = failed
         return batch

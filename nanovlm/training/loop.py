@@ -328,6 +328,10 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None =
                 wait_start = time.perf_counter()
                 batch = _to_device(next(batches), device)
                 skipped_at_load += batch.pop("skipped_at_load", 0)
+                while "input_ids" not in batch:   # streamed: not one image of the batch decoded
+                    batches_consumed += 1
+                    batch = _to_device(next(batches), device)
+                    skipped_at_load += batch.pop("skipped_at_load", 0)
                 data_wait += time.perf_counter() - wait_start
                 position = sampler.position(batches_consumed)
                 batches_consumed += 1
