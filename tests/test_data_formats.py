@@ -206,3 +206,21 @@ def test_a_dataset_without_a_usable_row_is_one_error_before_training(tmp_path, s
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "rows.jsonl" in err and "1 missing_image" in err and "1 no_usable_turns" in err, err
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------------- map-style scans
+
+def test_a_map_style_scan_is_kept_until_the_rows_or_the_settings_change(tmp_path):
+    path = write_parquet(tmp_path / "rows.parquet", 300)
+    vlm, cfg = tiny_configs(tmp_path / "out", train_dataset_path=str(path), stream_dataset=False, val_ratio=0.0)
+    tokenizer = get_tokenizer(vlm.lm_tokenizer, vlm.vlm_extra_tokens, vlm.lm_chat_template)
+
+    def scanned(**changes):
+        train = build_datasets(vlm, cfg.replace(**changes), tokenizer).train
+        return train.rows_scanned, len(train)
+
+    assert scanned() == (300, 300)
+    assert scanned() == (0, 300)                                # a second run, rank or trial reads the scan
+    assert scanned(relevance_min_rating=3) == (300, 300)        # a setting the checks read: checked again
+    write_parquet(path, 200)                                    # other rows under the same name
+    assert scanned() == (200, 200)
