@@ -15,6 +15,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from nanovlm.export.checkpoint_files import model_directory as _model_directory
+
 logger = logging.getLogger(__name__)
 
 
@@ -76,12 +78,3 @@ def _read_image(path: str):
         raise UnidentifiedImageError(f"--image {path} is not an image PIL can read ({exc}); give a PNG, JPEG "
                                      "or another image file.") from None
     return image
-
-
-def _model_directory(checkpoint: str) -> str:
-    """A training run's output directory stands for its latest checkpoint; anything else (a model
-    directory, a Hub repo id) is passed on as given."""
-    from nanovlm.training.checkpointing import latest_checkpoint
-
-    latest = latest_checkpoint(checkpoint) if Path(checkpoint).is_dir() else None
-    return str(latest) if latest is not None and not (Path(checkpoint) / "config.json").is_file() else checkpoint

@@ -104,9 +104,7 @@ def write_self_contained_files(directory: str | Path, model, *, tokenizer=None, 
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     (directory / IMAGE_PROCESSOR_FILE).write_text(json.dumps(image_processor_settings(cfg), indent=2) + "\n")
-    n_params = sum(p.numel() for p in model.parameters())
-    (directory / MODEL_CARD_FILE).write_text(model_card(cfg, n_params=n_params, train_cfg=train_cfg,
-                                                        metrics=metrics, step=step))
+    (directory / MODEL_CARD_FILE).write_text(model_card(cfg, train_cfg=train_cfg, metrics=metrics, step=step))
 
 
 def _load_tokenizer(source: str, cfg: VLMConfig):
@@ -122,3 +120,60 @@ def _load_tokenizer(source: str, cfg: VLMConfig):
         logger.warning("The checkpoint is written without its tokenizer (%s): %s", source,
                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None
+
+
+def model_directory(checkpoint: str | Path) -> str:
+    """A training run's output directory stands for its latest checkpoint; anything else (a model
+    directory, a Hub repo id) is returned as given."""
+    from nanovlm.training.checkpointing import latest_checkpoint
+
+    checkpoint = str(checkpoint)
+    latest = latest_checkpoint(checkpoint) if Path(checkpoint).is_dir() else None
+    return str(latest) if latest is not None and not (Path(checkpoint) / "config.json").is_file() else checkpoint
+
+
+def training_details(checkpoint: str | Path) -> tuple[Optional[TrainConfig], Optional[dict[str, Any]], Optional[int]]:
+    """(TrainConfig, metrics, step) of a training checkpoint (`train_config.json`, `train_state.pt`);
+    None for what a directory does not hold."""
+    from nanovlm.training.checkpointing import TRAIN_CONFIG_FILE, TRAIN_STATE_FILE, load_train_state
+
+    directory = Path(checkpoint)
+    train_cfg = metrics = step = None
+    if (directory / TRAIN_CONFIG_FILE).is_file():
+        try:
+            train_cfg = TrainConfig.from_json(directory / TRAIN_CONFIG_FILE, strict=False)
+        except ConfigError as exc:   # written by another version: the card then omits the data
+            logger.warning("%s: %s", directory / TRAIN_CONFIG_FILE, exc)
+    if (directory / TRAIN_STATE_FILE).is_file():
+        state = load_train_state(directory)
+        step, metrics = int(state["step"]), dict(state.get("extra", {}).get("metrics") or {})
+    return train_cfg, metrics, step
+
+
+def copy_model_files(checkpoint: str | Path, output: str | Path, tokenizer: Optional[str] = None) -> Path:
+    """A self-contained copy of the model in `checkpoint` (ours, or nanoVLM's) in `output`: config,
+    weights, tokenizer, `image_processor.json`, model card; not the training state (optimizer,
+    RNG, data position) nor the MLflow run record. What `nanovlm export --format nanovlm` writes
+    and `nanovlm push` uploads."""
+    import shutil
+
+    from nanovlm.export.model_card import model_card
+    from nanovlm.models.vision_language_model import CONFIG_NAME, WEIGHTS_NAME
+
+    source, output = Path(checkpoint), Path(output)
+    if not (source / CONFIG_NAME).is_file() or not (source / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{source} is not a model directory (it needs {CONFIG_NAME} and {WEIGHTS_NAME}).")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise FileExistsError(f"--output {output} exists and is not an empty directory; choose a new one.")
+    cfg = VLMConfig.from_json(source / CONFIG_NAME, strict=False)
+    output.mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        shutil.copy2(source / name, output / name)
+    checkpoint_tokenizer(source, cfg, tokenizer).save_pretrained(str(output))
+    (output / IMAGE_PROCESSOR_FILE).write_text(json.dumps(image_processor_settings(cfg), indent=2) + "\n")
+    if (source / MODEL_CARD_FILE).is_file():
+        shutil.copy2(source / MODEL_CARD_FILE, output / MODEL_CARD_FILE)
+    else:
+        train_cfg, metrics, step = training_details(source)
+        (output / MODEL_CARD_FILE).write_text(model_card(cfg, train_cfg=train_cfg, metrics=metrics, step=step))
+    return output

@@ -145,7 +145,7 @@ def export_transformers(checkpoint: str | Path, output: str | Path, tokenizer: O
     processor files and a model card. Returns what Idefics3's processor does differently for
     this model (`processor_differences`), which the model card lists too."""
     from nanovlm.export import idefics3_processor as proc
-    from nanovlm.export.checkpoint_files import checkpoint_tokenizer
+    from nanovlm.export.checkpoint_files import checkpoint_tokenizer, training_details
     from nanovlm.export.model_card import model_card
     from nanovlm.models import VisionLanguageModel
 
@@ -165,7 +165,8 @@ def export_transformers(checkpoint: str | Path, output: str | Path, tokenizer: O
     try:
         hf_model.save_pretrained(str(tmp))
         proc.build_processor(hf_tokenizer, cfg).save_pretrained(str(tmp))
-        card = model_card(cfg, n_params=sum(p.numel() for p in model.parameters()), library="transformers",
+        train_cfg, metrics, step = training_details(checkpoint)
+        card = model_card(cfg, train_cfg=train_cfg, metrics=metrics, step=step, library="transformers",
                           usage=proc.transformers_usage(cfg), notes=differences)
         (tmp / "README.md").write_text(card)
         if output.exists():

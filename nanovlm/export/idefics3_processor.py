@@ -54,7 +54,7 @@ With transformers alone (no nanovlm):
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-processor = AutoProcessor.from_pretrained("<this directory>")
+processor = AutoProcessor.from_pretrained("<this directory>", backend="pil")   # PIL: nanovlm's pixels
 model = AutoModelForImageTextToText.from_pretrained("<this directory>")
 messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}]
 prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -64,8 +64,10 @@ print(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special
 ```
 
 The processor's prompt is Idefics3's, not the one this model was trained on (see Limitations).
-The prompt it was trained on, for a model with one tile per image: the image string in the text,
-and the tokenizer and the image processor called apart:
+EXACT_PROMPT"""
+EXACT_PROMPT = """\
+The prompt it was trained on: its image string in the text, the tokenizer and the image processor
+called apart:
 
 ```python
 text = processor.tokenizer.apply_chat_template(
@@ -74,6 +76,9 @@ input_ids = processor.tokenizer(text, add_special_tokens=False, return_tensors="
 pixel_values = processor.image_processor([Image.open("photo.png")], return_tensors="pt").pixel_values
 out = model.generate(input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=32, do_sample=False)
 ```"""
+SPLIT_PROMPT = """\
+This model cuts images into tiles: its trained prompt and pixels come from nanovlm's own image
+pipeline (`nanovlm.data.processors`: `image_processor_for`, `get_image_string`; docs/data.md)."""
 
 
 def export_tokenizer(tokenizer: Any, cfg: VLMConfig):
@@ -145,10 +150,13 @@ def image_string(cfg: VLMConfig) -> str:
 
 
 def transformers_usage(cfg: VLMConfig) -> str:
-    """`TRANSFORMERS_USAGE` with this model's image string."""
+    """`TRANSFORMERS_USAGE` with this model's trained prompt: for one tile per image, its image
+    string in the text and the tokenizer and image processor called apart."""
+    if cfg.splits_images:
+        return TRANSFORMERS_USAGE.replace("EXACT_PROMPT", SPLIT_PROMPT)
     prefix = _image_string_prefix(cfg)
     expression = (f'"{prefix}" + ' if prefix else "") + f'"{IMAGE_TOKEN}" * {cfg.mp_image_token_length}'
-    return TRANSFORMERS_USAGE.replace("IMAGE_STRING", expression)
+    return TRANSFORMERS_USAGE.replace("EXACT_PROMPT", EXACT_PROMPT.replace("IMAGE_STRING", expression))
 
 
 def _image_string_prefix(cfg: VLMConfig) -> str:
@@ -166,8 +174,9 @@ def processor_differences(cfg: VLMConfig) -> list[str]:
         f"`{FAKE_IMAGE_TOKEN}` (and split images as `{FAKE_IMAGE_TOKEN}` `<row_i_col_j>` {ours} per tile, a newline "
         "after each row of tiles, then the global view); nanovlm's image string, which this model was trained on, "
         f"is `{image_string(cfg)}` for one tile and has no `{FAKE_IMAGE_TOKEN}`. Tokens the processor needs and the "
-        "model never saw were added with mean embeddings. For the trained prompt, put the image string in the "
-        "text and call the tokenizer and the image processor apart (How to load).",
+        "model never saw were added with mean embeddings. How to load shows the trained prompt.",
+        "Pixels: nanovlm's with transformers' PIL image processor (`AutoProcessor.from_pretrained(..., "
+        "backend=\"pil\")`, the default without torchvision >= 0.27); the torchvision one resizes differently.",
         "Several images: nanovlm writes `<image: i>` before each image of a prompt with several images; "
         "Idefics3's processor does not.",
     ]

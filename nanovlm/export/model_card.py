@@ -8,6 +8,7 @@ import json
 from typing import Any, Optional, Sequence
 
 from nanovlm.config import TrainConfig, VLMConfig
+from nanovlm.models.flops import param_counts
 
 NANOVLM_USAGE = """\
 With nanovlm-ray installed (`pip install -e .` in its repository), from this directory or its Hub repo id:
@@ -32,15 +33,15 @@ Apache-2.0 (the licence of nanovlm-ray and of nanoVLM). Pretrained backbones, if
 `vit_model_type` and `lm_model_type` in the config), and the training data keep their own licences."""
 
 
-def model_card(cfg: VLMConfig, *, n_params: int, train_cfg: Optional[TrainConfig] = None,
+def model_card(cfg: VLMConfig, *, train_cfg: Optional[TrainConfig] = None,
                metrics: Optional[dict[str, Any]] = None, step: Optional[int] = None, library: str = "nanovlm",
                usage: str = NANOVLM_USAGE, notes: Sequence[str] = ()) -> str:
     """Markdown of the model card; `notes` are listed under "Limitations"."""
+    n_params = param_counts(cfg)["total"]
     sections = [
         _front_matter(library),
-        f"# {cfg.hf_repo_name}\n\nA nanoVLM-style vision-language model ({n_params / 1e6:.2f}M parameters) trained "
-        "with nanovlm-ray: a SigLIP vision encoder, a pixel-shuffle projector and a Llama decoder. It answers "
-        "questions about images.",
+        f"# {cfg.hf_repo_name}\n\nA vision-language model of nanoVLM's design ({n_params / 1e6:.2f}M parameters): a "
+        "SigLIP vision encoder, a pixel-shuffle projector and a Llama decoder. It answers questions about images.",
         "## Architecture\n\n" + _architecture(cfg),
         "## Training data\n\n" + _data(train_cfg, step),
         "## Metrics\n\n" + _metrics(metrics, step),
