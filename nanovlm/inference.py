@@ -23,7 +23,9 @@ class Answerer:
         from nanovlm.data.prompts import ConversationEncoder
         from nanovlm.export.checkpoint_files import checkpoint_tokenizer
         from nanovlm.models import VisionLanguageModel
+        from nanovlm.models.vision_language_model import local_model_dir
 
+        checkpoint = local_model_dir(checkpoint)   # a Hub repo: downloaded once, its own tokenizer used
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)

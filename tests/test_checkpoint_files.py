@@ -125,6 +125,28 @@ def test_push_uploads_the_self_contained_model_and_not_the_training_state(run_di
                  "--greedy", "--max-new-tokens", "4"]) == 0
 
 
+def test_generate_from_a_hub_repo_id_uses_the_repos_own_tokenizer(run_dir, image, hub, monkeypatch, capsys):
+    """The repo's files are its tokenizer: nothing is looked up under the config's `lm_tokenizer`."""
+    import huggingface_hub
+
+    import nanovlm.data.processors as processors
+
+    _, uploaded = hub
+    assert main(["push", "--checkpoint", str(run_dir), "--repo", "someone/tiny-shapes"]) == 0
+    downloads = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kwargs: downloads.append(repo_id) or str(uploaded))
+    sources = []
+    load = processors.get_tokenizer
+    monkeypatch.setattr(processors, "get_tokenizer", lambda source, *a: sources.append(source) or load(source, *a))
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", "someone/tiny-shapes", "--image", str(image), "--prompt", PROMPT,
+                 "--greedy", "--max-new-tokens", "4"]) == 0
+    expected = Answerer(uploaded)([Image.open(image)], PROMPT, max_new_tokens=4, greedy=True)
+    assert capsys.readouterr().out.strip() == expected
+    assert downloads == ["someone/tiny-shapes"] and sources[0] == str(uploaded)
+
+
 def test_push_with_export_uploads_the_transformers_directory(run_dir, hub, capsys):
     calls, uploaded = hub
     assert main(["push", "--checkpoint", str(run_dir), "--repo", "someone/tiny-hf", "--export", "transformers"]) == 0

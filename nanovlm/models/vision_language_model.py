@@ -178,14 +178,7 @@ class VisionLanguageModel(nn.Module):
     def from_pretrained(cls, repo_id_or_path: str | os.PathLike, revision: str | None = None) -> "VisionLanguageModel":
         """A local checkpoint directory or a Hub repo id (downloaded with huggingface_hub).
         Directories holding an Idefics3/SmolVLM checkpoint are imported (see `from_idefics3`)."""
-        path = Path(repo_id_or_path)
-        if not path.is_dir():
-            if path.exists() or not HUB_REPO_ID.match(str(repo_id_or_path)):
-                raise FileNotFoundError(f"Checkpoint {repo_id_or_path} is neither a directory with {CONFIG_NAME} "
-                                        f"and {WEIGHTS_NAME} nor a Hub repo id (owner/name).")
-            from huggingface_hub import snapshot_download
-            path = Path(snapshot_download(str(repo_id_or_path), revision=revision,
-                                          allow_patterns=["*.json", "*.safetensors", "*.md", "*.jinja", "*.model"]))
+        path = local_model_dir(repo_id_or_path, revision)
         config_path = path / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"Checkpoint directory {path} has no {CONFIG_NAME}.")
@@ -218,6 +211,20 @@ class VisionLanguageModel(nn.Module):
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp)
             return push_folder(tmp, repo_id, private=private, commit_message=commit_message)
+
+
+def local_model_dir(repo_id_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local checkpoint directory as given, or a Hub repo id downloaded (its model files,
+    tokenizer and card) with huggingface_hub."""
+    path = Path(repo_id_or_path)
+    if path.is_dir():
+        return path
+    if path.exists() or not HUB_REPO_ID.match(str(repo_id_or_path)):
+        raise FileNotFoundError(f"Checkpoint {repo_id_or_path} is neither a directory with {CONFIG_NAME} "
+                                f"and {WEIGHTS_NAME} nor a Hub repo id (owner/name).")
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(str(repo_id_or_path), revision=revision,
+                                  allow_patterns=["*.json", "*.safetensors", "*.md", "*.jinja", "*.model"]))
 
 
 def head_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> torch.Tensor:
