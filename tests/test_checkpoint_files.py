@@ -164,3 +164,19 @@ def test_push_without_a_token_is_one_line_before_anything_is_written(run_dir, mo
     assert main(["push", "--checkpoint", str(run_dir), "--repo", "someone/x"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "No Hugging Face token" in err and "HF_TOKEN" in err
+
+
+def test_push_takes_the_token_hf_auth_login_saved(run_dir, hub, monkeypatch, tmp_path):
+    from huggingface_hub import constants, get_token
+
+    calls, uploaded = hub
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    saved = tmp_path / "hf-home" / "token"
+    saved.parent.mkdir()
+    saved.write_text("hf_saved_token\n")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(saved))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(saved.parent / "stored_tokens"))
+    assert get_token() == "hf_saved_token"
+    assert main(["push", "--checkpoint", str(run_dir), "--repo", "someone/tiny-shapes"]) == 0
+    assert calls["upload_folder"]["repo_id"] == "someone/tiny-shapes" and (uploaded / "model.safetensors").is_file()
