@@ -3,7 +3,9 @@ logits (1e-4) and greedy tokens, for our checkpoints and for one written by nano
 processor reproduces our pixels where Idefics3's processor can (one tile per image), and the export
 says what it cannot reproduce."""
 
+import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from nanovlm.cli import main
 from nanovlm.config import preset
 from nanovlm.data.processors import get_tokenizer, image_processor_for, process_images
 from nanovlm.data.prompts import ConversationEncoder
-from nanovlm.export.idefics3_processor import FAKE_IMAGE_TOKEN, image_processor_kwargs, image_string
+from nanovlm.export.idefics3_processor import FAKE_IMAGE_TOKEN, image_string
 from nanovlm.models import VisionLanguageModel
 from training_configs import TINY_SETTINGS
 
@@ -103,11 +105,20 @@ def test_exported_processor_answers_in_one_call_with_idefics3s_prompt(ours_expor
     assert (directory / "README.md").read_text().count(FAKE_IMAGE_TOKEN) >= 1          # the card says so
 
 
-def test_nanovlm_written_checkpoint_exports_with_its_logits_and_greedy_tokens(tmp_path, capsys):
-    out = tmp_path / "hf"
-    assert main(["export", "--checkpoint", str(REFERENCE / "checkpoint"), "--tokenizer", str(REFERENCE / "tokenizer"),
-                 "--format", "transformers", "--output", str(out)]) == 0
-    warnings = capsys.readouterr().err
+@pytest.fixture(scope="module")
+def nanovlm_exported(tmp_path_factory):
+    """The checkpoint nanoVLM's code wrote, exported; its directory and the export's warnings."""
+    out = tmp_path_factory.mktemp("nanovlm") / "hf"
+    with pytest.MonkeyPatch.context() as patch:
+        err = io.StringIO()
+        patch.setattr(sys, "stderr", err)
+        assert main(["export", "--checkpoint", str(REFERENCE / "checkpoint"), "--tokenizer",
+                     str(REFERENCE / "tokenizer"), "--format", "transformers", "--output", str(out)]) == 0
+    return out, err.getvalue()
+
+
+def test_nanovlm_written_checkpoint_exports_with_its_logits_and_greedy_tokens(nanovlm_exported):
+    out, warnings = nanovlm_exported
     assert "Image splitting" in warnings and "global view comes last" in warnings
     hf, processor = _load(out)
     ours = VisionLanguageModel.from_pretrained(REFERENCE / "checkpoint").eval()
@@ -124,15 +135,16 @@ def test_nanovlm_written_checkpoint_exports_with_its_logits_and_greedy_tokens(tm
         assert out_ids[0, ids.shape[1]:].tolist() == expected["generated_ids"], case   # nanoVLM's own tokens
 
 
-def test_idefics3_processor_tiles_match_nanovlms_where_its_resize_lands_on_tile_multiples():
+def test_exported_processor_tiles_match_nanovlms_where_its_resize_lands_on_tile_multiples(nanovlm_exported):
     """Split images: Idefics3 first resizes the long side to max_img_size, then to tile multiples; a
     30x10 image lands on 48x16 at once, which is nanoVLM's up-scaling resize: the same three tiles.
     Its global view comes last and is resized from 8-bit pixels: not nanoVLM's."""
-    from transformers import Idefics3ImageProcessorPil
-
+    _, processor = _load(nanovlm_exported[0])
     cfg = VisionLanguageModel.from_pretrained(REFERENCE / "checkpoint").cfg
-    processor = Idefics3ImageProcessorPil(**image_processor_kwargs(cfg))
-    theirs = processor([Image.open(REFERENCE / "images" / "wide.png").convert("RGB")], return_tensors="pt")
+    settings = processor.image_processor
+    assert settings.do_image_splitting and settings.size["longest_edge"] == cfg.max_img_size
+    theirs = processor.image_processor([Image.open(REFERENCE / "images" / "wide.png").convert("RGB")],
+                                       return_tensors="pt")
     ours = load_file(REFERENCE / "pixels.safetensors")["wide.resize_to_max_side_len.pixels"]   # [global, 3 tiles]
     tiles = theirs.pixel_values[0]                                                          # [3 tiles, global]
     assert tiles.shape == ours.shape
