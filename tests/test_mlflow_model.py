@@ -116,3 +116,30 @@ def test_logging_and_registering_a_checkpoint_again_adds_nothing(store, trained)
                                            filter_string=f"source_run_id = '{run_id}'")) == 1
     assert [v.version for v in client.search_model_versions(f"name = '{REGISTERED}'")] == [1]
 
+
+def test_a_model_the_store_did_not_take_waits_in_the_journal_and_sync_logs_it(store, trained, tmp_path, monkeypatch):
+    import mlflow
+
+    import nanovlm.export.mlflow_model as mlflow_model
+    from nanovlm.tracking_journal import DEADLINE_ENV, JournaledRun, RunJournal
+
+    out, _ = trained
+    (checkpoint,) = (out / "checkpoints").iterdir()
+    run_id = tracking.create_run(configs_to_dict(*tiny_configs(tmp_path)), uri=store, experiment_name=EXPERIMENT)
+    with monkeypatch.context() as patch:
+        patch.setenv(DEADLINE_ENV, "1")
+        patch.setattr(mlflow_model, "log_model", lambda *args: (_ for _ in ()).throw(ConnectionError("store down")))
+        run = JournaledRun(run_id, store, tmp_path / "out")
+        run.log_model(checkpoint, "waited")
+        assert run.close("FINISHED") is not None
+    (journal,) = (tmp_path / "out" / "mlflow_journal").iterdir()
+    waiting = RunJournal(journal)
+    assert waiting.describe_pending() == "1 MLflow model(s), the end status FINISHED"
+    waiting.close()
+    assert main(["tracking", "sync", str(tmp_path / "out")]) == 0
+    client = mlflow.MlflowClient(store)
+    model_id = run_model_id(store, run_id)
+    assert client.get_logged_model(model_id).tags[SOURCE_TAG] == str(checkpoint.resolve())
+    assert [v.source for v in client.search_model_versions("name = 'waited'")] == [f"models:/{model_id}"]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
