@@ -143,3 +143,19 @@ def test_a_model_the_store_did_not_take_waits_in_the_journal_and_sync_logs_it(st
     assert [v.source for v in client.search_model_versions("name = 'waited'")] == [f"models:/{model_id}"]
     assert client.get_run(run_id).info.status == "FINISHED"
 
+
+
+@pytest.mark.parametrize("variable", [None, "sqlite:////elsewhere/mlflow.db"])
+def test_registering_leaves_mlflows_tracking_uri_and_the_environment_as_they_were(store, monkeypatch, variable):
+    import os
+
+    import mlflow
+
+    if variable is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", variable)
+    before = mlflow.get_tracking_uri()
+    with tracking_uri(store):
+        assert mlflow.get_tracking_uri() == store and os.environ["MLFLOW_TRACKING_URI"] == store
+    assert os.environ.get("MLFLOW_TRACKING_URI") == variable and mlflow.get_tracking_uri() == before

@@ -91,13 +91,24 @@ def pip_requirements() -> list[str]:
 
 @contextlib.contextmanager
 def tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's default client (what its fluent functions and its SQL registry use) on `uri`."""
-    previous = mlflow.get_tracking_uri()
+    """MLflow's default client (what its fluent functions and its SQL registry use) on `uri`,
+    then MLflow's setting and `$MLFLOW_TRACKING_URI` as they were (`mlflow.set_tracking_uri`
+    writes the variable: restoring with it would leave MLflow's default, a store in the working
+    directory, to every later caller)."""
+    import os
+
+    from mlflow.tracking._tracking_service import utils
+
+    previous, variable = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
         mlflow.set_tracking_uri(previous)
+        if variable is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = variable
 
 
 def log_model(run_id: str, uri: str, checkpoint: str | Path, registered_model_name: Optional[str] = None) -> str:
