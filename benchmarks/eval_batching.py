@@ -32,13 +32,13 @@ import torch  # noqa: E402
 from nanovlm.bench.compare import free_cores  # noqa: E402
 from nanovlm.config import preset  # noqa: E402
 from nanovlm.data.processors import get_tokenizer  # noqa: E402
-from nanovlm.eval.answering import Answerer  # noqa: E402
+from nanovlm.eval.answering import BatchAnswerer  # noqa: E402
 from nanovlm.eval.benchmark_data import shapes_mmstar_rows  # noqa: E402
 from nanovlm.eval.tasks import TASKS  # noqa: E402
 from nanovlm.models import VisionLanguageModel  # noqa: E402
 
 
-def random_answerer() -> Answerer:
+def random_answerer() -> BatchAnswerer:
     vlm, _ = preset("tiny")
     torch.manual_seed(0)
     model = VisionLanguageModel(vlm, load_backbone=False).eval()
@@ -46,10 +46,10 @@ def random_answerer() -> Answerer:
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.1)
-    return Answerer(model, get_tokenizer(vlm.lm_tokenizer, vlm.vlm_extra_tokens, vlm.lm_chat_template), device="cpu")
+    return BatchAnswerer(model, get_tokenizer(vlm.lm_tokenizer, vlm.vlm_extra_tokens, vlm.lm_chat_template), device="cpu")
 
 
-def time_answers(answerer: Answerer, questions, batch_size: int, max_new_tokens: int) -> tuple[float, list[str]]:
+def time_answers(answerer: BatchAnswerer, questions, batch_size: int, max_new_tokens: int) -> tuple[float, list[str]]:
     start = time.perf_counter()
     answers = []
     for i in range(0, len(questions), batch_size):
@@ -70,7 +70,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads or free_cores())
     load_before = os.getloadavg()[0]
-    answerer = Answerer.from_checkpoint(args.checkpoint, device="cpu") if args.checkpoint else random_answerer()
+    answerer = BatchAnswerer.from_checkpoint(args.checkpoint, device="cpu") if args.checkpoint else random_answerer()
     img_size = answerer.cfg.vit_img_size
     task = TASKS["mmstar"]
     rows = shapes_mmstar_rows(args.questions, question_types="colour,shape", img_size=img_size)

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from nanovlm.config import preset
-from nanovlm.eval.answering import Answerer
+from nanovlm.eval.answering import BatchAnswerer
 from nanovlm.models import VisionLanguageModel
 
 MAX_NEW = 12
@@ -48,7 +48,7 @@ def _one_by_one(answerer, questions):
 
 
 def test_batched_greedy_answers_equal_batch_one_answers(model, tokenizer):
-    answerer = Answerer(model, tokenizer, device="cpu")
+    answerer = BatchAnswerer(model, tokenizer, device="cpu")
     lengths = [len(answerer.prompt(text, images)[0]) for text, images in QUESTIONS]
     assert len(set(lengths)) == len(QUESTIONS)              # every row padded by a different amount
     alone = _one_by_one(answerer, QUESTIONS)
@@ -60,12 +60,12 @@ def test_batched_greedy_answers_equal_batch_one_answers(model, tokenizer):
 def test_a_row_that_stops_early_leaves_the_others_unchanged(model, tokenizer):
     # Make a token that the first answer emits mid-way the end of turn: that row stops there,
     # the others go on; each answer still equals the question's answer alone.
-    free = Answerer(model, tokenizer, device="cpu")
+    free = BatchAnswerer(model, tokenizer, device="cpu")
     ids = free.prompt(*QUESTIONS[0])[0]
     out = model.generate(torch.tensor([ids]), [free.prompt(*QUESTIONS[0])[1]], max_new_tokens=MAX_NEW,
                          greedy=True)[0].tolist()
     stop = out[len(out) // 2]
-    stopping = Answerer(model, tokenizer, device="cpu", stop_token_id=stop)
+    stopping = BatchAnswerer(model, tokenizer, device="cpu", stop_token_id=stop)
     alone = _one_by_one(stopping, QUESTIONS)
     assert alone[0] == tokenizer.decode(out[:out.index(stop)], skip_special_tokens=True).strip()
     assert any(len(a) > len(alone[0]) for a in alone[1:])   # others go on past the first row's stop
@@ -73,7 +73,7 @@ def test_a_row_that_stops_early_leaves_the_others_unchanged(model, tokenizer):
 
 
 def test_until_strings_cut_an_answer_as_lmms_eval_does(model, tokenizer):
-    answerer = Answerer(model, tokenizer, device="cpu")
+    answerer = BatchAnswerer(model, tokenizer, device="cpu")
     full = answerer.answer(QUESTIONS[:1], MAX_NEW)[0]
     cut = full[len(full) // 2:len(full) // 2 + 2]
     assert answerer.answer(QUESTIONS[:1], MAX_NEW, until=[cut])[0] == full.split(cut)[0].strip()

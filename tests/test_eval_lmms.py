@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanovlm.config import preset
-from nanovlm.eval.answering import Answerer
+from nanovlm.eval.answering import BatchAnswerer
 from nanovlm.eval.benchmark_data import shapes_mmstar_rows
 from nanovlm.eval.runner import run_task
 from nanovlm.eval.tasks import TASKS
@@ -105,7 +105,7 @@ def test_lmms_eval_requests_get_the_answers_and_scores_of_nanovlm_eval(checkpoin
     model.task_dict = {"mmstar": {"val": docs}}
     answers = model.generate_until(requests)
 
-    ours, predictions = run_task(Answerer.from_checkpoint(checkpoint, device="cpu"), TASKS["mmstar"], docs,
+    ours, predictions = run_task(BatchAnswerer.from_checkpoint(checkpoint, device="cpu"), TASKS["mmstar"], docs,
                                  batch_size=1, max_new_tokens=GEN_KWARGS["max_new_tokens"])
     assert answers == [p["output"] for p in predictions]
     assert len(set(answers)) > 1

@@ -159,3 +159,11 @@ def test_training_eval_tasks_are_checked_with_the_config(changes, message):
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         preset("tiny", **changes)[1].validate()
+
+
+def test_a_parquet_copy_may_hold_image_paths_relative_to_its_directory(tmp_path):
+    image("green").save(tmp_path / "q0.png")
+    datasets.Dataset.from_list([{"question": "Which colour?", "options": ["red", "green"], "answer": "1",
+                                 "image": "q0.png"}]).to_parquet(str(tmp_path / "test.parquet"))
+    (row,) = load_questions(TASKS["ai2d"], str(tmp_path / "test.parquet"))
+    assert row["image"].size == (20, 10) and row["image"].getpixel((0, 0)) == (0, 128, 0)

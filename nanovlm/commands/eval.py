@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from nanovlm import tracking
     from nanovlm.config import ConfigError
-    from nanovlm.eval.answering import Answerer
+    from nanovlm.eval.answering import BatchAnswerer
     from nanovlm.eval.benchmark_data import load_questions, shapes_settings
     from nanovlm.eval.report import format_table, log_eval_run, write_outputs
     from nanovlm.eval.runner import as_metrics, run_task
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
                                            shapes_settings(train_config, img_size), limit)
                  for task, limit in tasks}
 
-    answerer = Answerer.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer, device=args.device)
+    answerer = BatchAnswerer.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer, device=args.device)
     results, predictions = {}, {}
     for task, limit in tasks:
         results[task.name], predictions[task.name] = run_task(
@@ -118,9 +118,9 @@ def dataset_sources(values: list[str], task_names: list[str]) -> dict[str, str]:
 
 def local_checkpoint(checkpoint: str) -> Path | None:
     """The local directory the model is read from (a run's latest checkpoint), or None (a Hub id)."""
-    from nanovlm.commands.generate import _model_directory
+    from nanovlm.export.checkpoint_files import model_directory
 
-    directory = Path(_model_directory(checkpoint))
+    directory = Path(model_directory(checkpoint))
     return directory if directory.is_dir() else None
 
 

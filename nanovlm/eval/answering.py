@@ -7,7 +7,7 @@ one user turn that opens with the image string), so a batch's answers are the an
 question gets alone: the decoder attends only to each row's real tokens and counts positions
 from the attention mask (tests/test_eval.py holds batched greedy answers equal to batch-1 ones).
 
-    answerer = Answerer.from_checkpoint("runs/demo")
+    answerer = BatchAnswerer.from_checkpoint("runs/demo")
     answerer.answer([("What colour is the shape?", [image])], max_new_tokens=8)   # -> ["red"]
 """
 
@@ -28,13 +28,13 @@ logger = logging.getLogger(__name__)
 Question = tuple[str, Sequence[Any]]   # (text, PIL images)
 
 
-class Answerer:
+class BatchAnswerer:
     """Greedy answers of `model` (a VisionLanguageModel) through `tokenizer` (its `get_tokenizer`)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, device: torch.device | str | None = None,
                  autocast: Callable[[], Any] = contextlib.nullcontext, stop_token_id: int | None = None,
                  compile: bool = False):
-        from nanovlm.commands.generate import _stop_token
+        from nanovlm.inference import stop_token
 
         self.model, self.tokenizer = model, tokenizer
         self.cfg = model.cfg
@@ -42,13 +42,13 @@ class Answerer:
         self.autocast, self.compile = autocast, compile
         self.processor = image_processor_for(self.cfg)
         self.encoder = ConversationEncoder(tokenizer, self.cfg.mp_image_token_length)
-        self.stop = stop_token_id if stop_token_id is not None else _stop_token(tokenizer)
+        self.stop = stop_token_id if stop_token_id is not None else stop_token(tokenizer)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop
         self._warned_long = False
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str, *, tokenizer: str | None = None, device: str = "auto",
-                        compile: bool = False) -> "Answerer":
+                        compile: bool = False) -> "BatchAnswerer":
         """A model directory, a training checkpoint, a run's output directory (its latest
         checkpoint) or a Hub id, with its tokenizer, as `nanovlm generate` finds them."""
         model, tok = load_checkpoint(checkpoint, tokenizer=tokenizer, device=device)
@@ -96,20 +96,15 @@ class Answerer:
 
 
 def load_checkpoint(checkpoint: str, *, tokenizer: str | None = None, device: str = "auto"):
-    """(model in eval mode on `device`, its tokenizer) for a checkpoint as `nanovlm generate` takes it."""
-    from nanovlm.commands.generate import _model_directory, _tokenizer_source
-    from nanovlm.config import ConfigError
-    from nanovlm.data.processors import get_tokenizer
+    """(model in eval mode on `device`, its tokenizer) for a checkpoint as `nanovlm generate` takes it:
+    a model directory, a training checkpoint, a run's output directory (its latest checkpoint) or
+    a Hub id."""
+    from nanovlm.export.checkpoint_files import checkpoint_tokenizer, model_directory
     from nanovlm.models import VisionLanguageModel
+    from nanovlm.models.vision_language_model import local_model_dir
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    directory = _model_directory(checkpoint)
+    directory = local_model_dir(model_directory(checkpoint))
     model = VisionLanguageModel.from_pretrained(directory).to(device).eval()
-    cfg = model.cfg
-    tok = get_tokenizer(_tokenizer_source(directory, cfg.lm_tokenizer, tokenizer), cfg.vlm_extra_tokens,
-                        cfg.lm_chat_template)
-    if tok.image_token_id != model.image_token_id:
-        raise ConfigError(f"The tokenizer's image token id is {tok.image_token_id} but the model expects "
-                          f"{model.image_token_id}; pass the tokenizer the model was trained with (--tokenizer).")
-    return model, tok
+    return model, checkpoint_tokenizer(directory, model.cfg, tokenizer)

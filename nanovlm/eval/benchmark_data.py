@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from nanovlm.data.local_files import DatasetError, parquet_splits, resolve_image_paths
+from nanovlm.data.local_files import DatasetError, parquet_splits
 from nanovlm.eval.tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -58,13 +58,31 @@ def _load_local(path: Path):
             return datasets.load_from_disk(str(path))
         files = [path] if path.is_file() and path.suffix == ".parquet" else sorted(path.rglob("*.parquet"))
         if files:
-            return resolve_image_paths(datasets.load_dataset("parquet", data_files=parquet_splits(path, files)), files)
+            return _image_paths_read(datasets.load_dataset("parquet", data_files=parquet_splits(path, files)), files)
         if path.is_dir():
             return datasets.load_dataset("imagefolder", data_dir=str(path))
     except (datasets.exceptions.DatasetGenerationError, ValueError, OSError) as exc:
         raise DatasetError(f"--dataset {path} does not load: {type(exc).__name__}: {exc}") from exc
     raise DatasetError(f"--dataset {path}: expected a parquet file or directory, a save_to_disk directory or an "
                        "imagefolder directory (images and metadata.jsonl).")
+
+
+def _image_paths_read(data, files: list[Path]):
+    """An `image` column of path strings becomes an image column; relative paths are read from the
+    parquet files' directory (`nanovlm.data.formats.resolve_path`)."""
+    import datasets
+
+    from nanovlm.data.formats import AmbiguousPaths, resolve_path
+
+    folders = {f.parent.resolve() for f in files}
+    base = next(iter(folders)) if len(folders) == 1 else AmbiguousPaths([str(f) for f in files])
+    for split, rows in data.items():
+        feature = rows.features.get("image")
+        if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+            rows = rows.map(lambda batch: {"image": [v if v is None else resolve_path(v, base) for v in batch["image"]]},
+                            batched=True)
+            data[split] = rows.cast_column("image", datasets.Image())
+    return data
 
 
 def _load_hub(task: Task, source: str, split: str | None):

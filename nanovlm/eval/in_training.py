@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from nanovlm.eval.answering import Answerer
+from nanovlm.eval.answering import BatchAnswerer
 from nanovlm.eval.benchmark_data import load_questions, shapes_settings
 from nanovlm.eval.runner import as_metrics, run_task
 from nanovlm.eval.tasks import parse_task_list
@@ -43,7 +43,7 @@ class TrainingBenchmarks:
                  ) -> dict[str, float]:
         """The scores of `model` (unwrapped: generate is not DDP's) on every task, as metrics.
         The global RNG is left as it was (greedy decoding draws nothing, but a task might)."""
-        answerer = Answerer(model, tokenizer, device=device, autocast=autocast)
+        answerer = BatchAnswerer(model, tokenizer, device=device, autocast=autocast)
         results = {}
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for task, limit in self.tasks:

@@ -14,7 +14,7 @@ anything `nanovlm generate --checkpoint` takes), `batch_size` (16), `device` (au
 Requests: a simple model gets `(context, generation_kwargs, doc_to_visual, doc_id, task, split)`,
 a chat model `(context, doc_to_messages, generation_kwargs, doc_id, task, split)` (lmms-eval's
 api/task.py); lmms-eval resolves `nanovlm` to the chat class unless given --force_simple. Both
-build the same question: the task's images and text, through `Answerer` (the image string, the
+build the same question: the task's images and text, through `BatchAnswerer` (the image string, the
 chat template, batched greedy generation, the task's `until` strings). Requests are batched by
 their generation kwargs, in order. Greedy only: a request asking to sample is answered greedily,
 with a warning.
@@ -27,7 +27,7 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from nanovlm.eval.answering import Answerer, Question
+from nanovlm.eval.answering import BatchAnswerer, Question
 from nanovlm.eval.tasks import DEFAULT_MAX_NEW_TOKENS
 
 logger = logging.getLogger(__name__)
@@ -37,12 +37,12 @@ ALIASES = ("nanovlm_ray",)
 
 
 class LmmsRequests:
-    """Answers lmms-eval `generate_until` requests (anything with `.args`) with an `Answerer`;
+    """Answers lmms-eval `generate_until` requests (anything with `.args`) with an `BatchAnswerer`;
     needs nothing of lmms-eval itself. `task_dict` is lmms-eval's {task: {split: docs}}."""
 
     chat = False
 
-    def __init__(self, answerer: Answerer, batch_size: int = 16, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
+    def __init__(self, answerer: BatchAnswerer, batch_size: int = 16, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
         self.answerer, self.batch_size, self.max_new_tokens = answerer, int(batch_size), int(max_new_tokens)
         self.task_dict: dict[str, Any] = {}
         self._warned_sampling = False
@@ -118,7 +118,7 @@ def _adapter_classes():
             super().__init__()
             if kwargs:
                 logger.warning("nanovlm ignores model_args %s.", sorted(kwargs))
-            self.answerer = Answerer.from_checkpoint(checkpoint, tokenizer=tokenizer, device=device)
+            self.answerer = BatchAnswerer.from_checkpoint(checkpoint, tokenizer=tokenizer, device=device)
             self.requests = self._requests_class(self.answerer, int(batch_size), int(max_new_tokens))
             self.batch_size_per_gpu = int(batch_size)
 

@@ -22,13 +22,13 @@ from typing import Any, Sequence
 
 import torch.distributed as dist
 
-from nanovlm.eval.answering import Answerer
+from nanovlm.eval.answering import BatchAnswerer
 from nanovlm.eval.tasks import Task, category_key
 
 logger = logging.getLogger(__name__)
 
 
-def predict(answerer: Answerer, task: Task, rows: Sequence[dict], positions: Sequence[int], batch_size: int,
+def predict(answerer: BatchAnswerer, task: Task, rows: Sequence[dict], positions: Sequence[int], batch_size: int,
             max_new_tokens: int | None = None) -> list[dict[str, Any]]:
     """Predictions for the rows at `positions`, asked `batch_size` at a time."""
     predictions = []
@@ -53,7 +53,7 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def run_task(answerer: Answerer, task: Task, rows: Sequence[dict], *, limit: int | None = None, batch_size: int = 16,
+def run_task(answerer: BatchAnswerer, task: Task, rows: Sequence[dict], *, limit: int | None = None, batch_size: int = 16,
              max_new_tokens: int | None = None, rank: int = 0, world_size: int = 1
              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(result, predictions) over the first `limit` rows (all by default). With several ranks each
