@@ -88,3 +88,13 @@ def test_the_evaluation_is_an_mlflow_run_nested_in_the_training_run(evaluated, s
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"results.json", "results.md", "predictions"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "predictions")] == ["predictions/mmstar.jsonl"]
+
+
+def test_dataset_shapes_asks_the_checkpoints_own_kind_of_question(evaluated, tmp_path):
+    run, _, _, _ = evaluated
+    out = tmp_path / "scores.json"
+    assert main(["eval", "--checkpoint", str(run), "--task", "mmstar", "--dataset", "shapes", "--limit", "32",
+                 "--json", str(out), "--output", str(tmp_path / "eval"), "--no-tracking"]) == 0
+    mmstar = json.loads(out.read_text())["mmstar"]
+    # the training config's question types (colour) and image size, read from the checkpoint
+    assert mmstar["n"] == 32 and set(mmstar["by_category"]) == {"colour"} and mmstar["accuracy"] >= 2 * CHANCE
