@@ -35,9 +35,13 @@ nothing and costs the step nothing. `close` waits for the thread up to a deadlin
 `nanovlm tracking sync DIR` (`sync`) sends it later. The journal itself stays after the run,
 compacted to `last_steps` once MLflow has everything: a later resume reads it to log no step twice.
 
-Limit: the journal lives in `output_dir` on rank 0's node. A rank 0 that Ray restarts on another
-node without a shared output_dir starts an empty journal there and may log again the steps its
-predecessor logged after the last checkpoint.
+Across nodes: the journal lives in `output_dir` on rank 0's node. A rank 0 that Ray restarts on
+another node (output_dir not shared) starts an empty journal there, so the re-log rule above
+cannot see its predecessor's steps; MLflow can. Before a process sends anything, its sender
+reads the last step MLflow holds for each metric of the run (`store_floor`), and never sends a
+value at or before it: the steps the predecessor sent are not logged again. What the predecessor
+journalled but had not sent (at most the last few steps, while the store answers) is lost with
+its node's disk, unless that disk is kept and `nanovlm tracking sync` sends it.
 """
 
 from __future__ import annotations
@@ -317,17 +321,31 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 # ==================================================================== sending
 
-def send_pending(journal: RunJournal, client, should_stop: Callable[[], bool] = lambda: False) -> None:
+def store_floor(client, run_id: str) -> dict[str, int]:
+    """{metric key: the last step MLflow holds for it} of a run (one request: the run's latest metrics)."""
+    run = client.get_run(run_id)
+    return {metric.key: int(metric.step) for metric in getattr(run.data, "_metric_objs", [])}
+
+
+def send_pending(journal: RunJournal, client, should_stop: Callable[[], bool] = lambda: False,
+                 floor: Optional[dict[str, int]] = None) -> int:
     """Send what MLflow lacks: the metrics in batches, the tags, the artifacts, then the end
-    status. Raises the store's first error; what went through is marked, so calling again continues."""
+    status. Raises the store's first error; what went through is marked, so calling again continues.
+    `floor` ({key: step}): values at or before these steps are not sent (MLflow has those steps
+    from an earlier process). Returns how many values that left out."""
     from mlflow.entities import Metric, RunTag
 
+    floor = floor or {}
+    left_out = 0
     while not should_stop():
         entries, end = journal.unsent()
         if not entries:
             break
         metrics = [Metric(key, value, entry["timestamp"], entry["step"])
                    for entry in entries for key, value in entry["metrics"].items()]
+        kept = [m for m in metrics if m.step > floor.get(m.key, -1)]
+        left_out += len(metrics) - len(kept)
+        metrics = kept
         for i in range(0, len(metrics), BATCH_METRICS):
             client.log_batch(journal.run_id, metrics=metrics[i:i + BATCH_METRICS])
         journal.mark_sent(end)
@@ -350,6 +368,7 @@ def send_pending(journal: RunJournal, client, should_stop: Callable[[], bool] = 
     if status is not None and not should_stop():
         client.set_terminated(journal.run_id, status)
         journal.status_sent()
+    return left_out
 
 
 class JournaledRun:
@@ -369,6 +388,7 @@ class JournaledRun:
         self.journal.request_status(None)  # running (again)
         self.failures = 0      # failed tries to reach the store
         self.skipped = 0       # values of steps an earlier attempt logged
+        self.left_out = 0      # values the sender did not send: MLflow had their steps (store_floor)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._sent = threading.Condition()
@@ -418,9 +438,9 @@ class JournaledRun:
         if complete:
             self._thread.join(timeout=5)
             self.journal.compact()
-        if self.skipped:
+        if self.skipped or self.left_out:
             logger.info("MLflow run %s: %d values of steps logged before a restart were not logged again.",
-                        self.run_id, self.skipped)
+                        self.run_id, self.skipped + self.left_out)
         description = self.journal.describe_pending()
         self.journal.close()
         if complete:
@@ -432,14 +452,16 @@ class JournaledRun:
         return self.journal.dir
 
     def _send_loop(self) -> None:
-        client = None
+        client, floor = None, None
         backoff, down_since = 0.5, None
         while not self._stopping.is_set():
             self._wake.wait(SEND_PERIOD_S)
             self._wake.clear()
             try:
                 client = client or tracking._client(self.uri)
-                send_pending(self.journal, client, should_stop=self._stopping.is_set)
+                # what MLflow held before this process sent anything (see "Across nodes")
+                floor = store_floor(client, self.run_id) if floor is None else floor
+                self.left_out += send_pending(self.journal, client, should_stop=self._stopping.is_set, floor=floor)
             except Exception as exc:  # noqa: BLE001 - kept in the journal, tried again
                 self.failures += 1
                 if down_since is None:
