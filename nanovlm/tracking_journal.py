@@ -39,9 +39,11 @@ Across nodes: the journal lives in `output_dir` on rank 0's node. A rank 0 that 
 another node (output_dir not shared) starts an empty journal there, so the re-log rule above
 cannot see its predecessor's steps; MLflow can. Before a process sends anything, its sender
 reads the last step MLflow holds for each metric of the run (`store_floor`), and never sends a
-value at or before it: the steps the predecessor sent are not logged again. What the predecessor
-journalled but had not sent (at most the last few steps, while the store answers) is lost with
-its node's disk, unless that disk is kept and `nanovlm tracking sync` sends it.
+value at or before it: the steps the predecessor sent are not logged again (values are sent in
+step order, so MLflow holds every step up to that one). What the predecessor journalled but had
+not sent yet travels in each training checkpoint (`save_unsent`, `UNSENT_FILE`): the successor
+resumes from a checkpoint, journals those steps (`adopt`) and sends the ones MLflow lacks; the
+steps after the checkpoint it computes, and logs, again.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from nanovlm import tracking
 logger = logging.getLogger(__name__)
 
 JOURNAL_DIRNAME = "mlflow_journal"
+UNSENT_FILE = "mlflow_unsent.jsonl"   # in a training checkpoint: the journal's lines MLflow may lack
 DEADLINE_ENV = "NANOVLM_TRACKING_DEADLINE_S"
 DEFAULT_DEADLINE_S = 30.0
 BATCH_METRICS = 1000          # MLflow's limit of metric values per log_batch
@@ -119,9 +122,10 @@ class RunJournal:
         self._save_run()
 
     # ---- metrics
-    def append(self, step: int, values: dict[str, float]) -> None:
+    def append(self, step: int, values: dict[str, float], timestamp: Optional[int] = None) -> None:
         """One line, one write(): on disk (in the page cache) when this returns."""
-        line = json.dumps({"step": step, "timestamp": int(time.time() * 1000), "metrics": values})
+        stamp = int(time.time() * 1000) if timestamp is None else timestamp
+        line = json.dumps({"step": step, "timestamp": stamp, "metrics": values})
         os.write(self._fd, (line + "\n").encode())
         for key in values:
             self.last_steps[key] = step
@@ -138,6 +142,12 @@ class RunJournal:
         with self._mutex:
             start = self.sent
         return self._entries(start, BATCH_METRICS)
+
+    def all_unsent(self) -> list[dict[str, Any]]:
+        """Every complete line after what MLflow has."""
+        with self._mutex:
+            start = self.sent
+        return self._entries(start, None)[0]
 
     def mark_sent(self, offset: int) -> None:
         with self._mutex:
@@ -421,6 +431,27 @@ class JournaledRun:
         """At a training checkpoint: the journal to stable storage, and a send."""
         self.journal.fsync()
         self._wake.set()
+
+    def save_unsent(self, checkpoint_dir: str | Path) -> None:
+        """Into a training checkpoint: the steps MLflow may not have yet (`UNSENT_FILE`). The journal
+        stays on this node; a successor on another node resumes from the checkpoint and `adopt`s them."""
+        lines = "".join(json.dumps(entry) + "\n" for entry in self.journal.all_unsent())
+        Path(checkpoint_dir, UNSENT_FILE).write_text(lines)
+
+    def adopt(self, checkpoint_dir: str | Path) -> int:
+        """Journal the steps a checkpoint carries (`save_unsent`) that this journal lacks, with their
+        own timestamps; the sender leaves out those MLflow has. Returns how many values were added."""
+        path = Path(checkpoint_dir, UNSENT_FILE)
+        added = 0
+        for line in path.read_text().splitlines() if path.exists() else []:
+            entry = json.loads(line)
+            new = {k: v for k, v in entry["metrics"].items() if not self.journal.logged(k, entry["step"])}
+            if new:
+                self.journal.append(entry["step"], new, entry["timestamp"])
+                added += len(new)
+        if added:
+            self._wake.set()
+        return added
 
     def close(self, status: Optional[str], deadline: Optional[float] = None) -> Optional[Path]:
         """End this process's logging: ask for `status` (None: another process ends the run)

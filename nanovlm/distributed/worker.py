@@ -278,7 +278,11 @@ class RayTrainHooks(MlflowHooks):
             owns_run = True
         # The journal's thread opens the store (importing MLflow takes about a second) and
         # tells, in a warning, if this node cannot reach it; training does not wait for it.
-        return JournaledRun(run_id, uri, self.train_cfg.output_dir, flush_every=self.train_cfg.log_interval), owns_run
+        run = JournaledRun(run_id, uri, self.train_cfg.output_dir, flush_every=self.train_cfg.log_interval)
+        if self._ray_checkpoint_dir is not None:
+            # what a predecessor (perhaps on a lost node) journalled up to the checkpoint but had not sent
+            run.adopt(self._ray_checkpoint_dir)
+        return run, owns_run
 
 
 class ReportThread:
