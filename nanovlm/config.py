@@ -340,6 +340,7 @@ class TrainConfig(_Serialised):
     max_failures: int = 0
     storage_path: Optional[str] = None    # Ray Train storage; default under ~/.nanovlm/ray_results
     experiment_name: str = "nanovlm"      # MLflow experiment
+    register_model: Optional[str] = None  # MLflow registry name for the run's final model (a sweep: its best trial's)
 
     def validate(self) -> "TrainConfig":
         _check_types(self)

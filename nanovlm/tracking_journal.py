@@ -4,12 +4,13 @@ on disk, sent to MLflow by a background thread.
     training thread (rank 0)                         background thread "nanovlm-mlflow"
     log_metrics(step) ─ one write() ─► metrics.jsonl ─► log_batch (<= 1000 values each), retried
                                                          with backoff while the store is down
-    set_tags, log_artifact(s), close(status) ─► run.json ─► tags, artifacts, then set_terminated
+    set_tags, log_artifact(s), log_model, close(status) ─► run.json ─► tags, artifacts, models, then set_terminated
 
 Files, in `output_dir/mlflow_journal/<run_id>/`:
 
     run.json       {"run_id", "tracking_uri", "tags": {key: value}, "artifacts": [[local path,
-                    artifact path or null], ...], "status": null | "FINISHED" | "FAILED" | "KILLED",
+                    artifact path or null], ...], "models": [[checkpoint dir, registry name or null], ...]
+                    (MLflow models, nanovlm.export.mlflow_model), "status": null | "FINISHED" | "FAILED" | "KILLED",
                     "status_sent": bool,
                     "last_steps": {key: step}}            (requests not yet carried out, and history)
     metrics.jsonl  {"step": 12, "timestamp": <ms>, "metrics": {"loss": 2.31, ...}}, one line per log call
@@ -109,6 +110,7 @@ class RunJournal:
                    "status_sent": False, "last_steps": {}}
         self.run = run
         run.setdefault("tags", {})
+        run.setdefault("models", [])
         self.run_id: str = run["run_id"]
         self.uri: str = run["tracking_uri"]
         self.sent = int((_read_json(self.dir / "sent.json") or {}).get("offset", 0))
@@ -191,6 +193,22 @@ class RunJournal:
             self.run["artifacts"].remove([local_path, artifact_path])
             self._save_run()
 
+    def add_model(self, checkpoint: str | Path, registered_model_name: Optional[str]) -> None:
+        with self._mutex:
+            self.run["models"].append([str(Path(checkpoint).resolve()), registered_model_name])
+            self._save_run()
+
+    def models(self) -> list[tuple[str, Optional[str]]]:
+        with self._mutex:
+            return [tuple(m) for m in self.run["models"]]
+
+    def model_sent(self, checkpoint: str, registered_model_name: Optional[str]) -> None:
+        with self._mutex:
+            if self._closed:
+                return
+            self.run["models"].remove([checkpoint, registered_model_name])
+            self._save_run()
+
     def request_status(self, status: Optional[str]) -> None:
         """The run's end status to send once everything else is in (None: the run goes on)."""
         with self._mutex:
@@ -213,7 +231,7 @@ class RunJournal:
         """Whether MLflow lacks anything this journal holds."""
         with self._mutex:
             return (self.sent < os.fstat(self._fd).st_size or bool(self.run["tags"]) or bool(self.run["artifacts"])
-                    or (self.run["status"] is not None and not self.run["status_sent"]))
+                    or bool(self.run["models"]) or (self.run["status"] is not None and not self.run["status_sent"]))
 
     def describe_pending(self) -> str:
         """What MLflow lacks, in words: "412 metric values (steps 31-60), 2 artifacts, the end status FINISHED"."""
@@ -226,6 +244,8 @@ class RunJournal:
             parts.append(f"{len(self.run['tags'])} tags")
         if self.run["artifacts"]:
             parts.append(f"{len(self.run['artifacts'])} artifacts")
+        if self.run["models"]:
+            parts.append(f"{len(self.run['models'])} MLflow model(s)")
         if self.unsent_status():
             parts.append(f"the end status {self.run['status']}")
         return ", ".join(parts) or "nothing"
@@ -338,11 +358,12 @@ def store_floor(client, run_id: str) -> dict[str, int]:
 
 
 def send_pending(journal: RunJournal, client, should_stop: Callable[[], bool] = lambda: False,
-                 floor: Optional[dict[str, int]] = None) -> int:
-    """Send what MLflow lacks: the metrics in batches, the tags, the artifacts, then the end
-    status. Raises the store's first error; what went through is marked, so calling again continues.
-    `floor` ({key: step}): values at or before these steps are not sent (MLflow has those steps
-    from an earlier process). Returns how many values that left out."""
+                 uri: Optional[str] = None, floor: Optional[dict[str, int]] = None) -> int:
+    """Send what MLflow lacks: the metrics in batches, the tags, the artifacts, the models, then the
+    end status (to `uri`, default the journal's store, which `client` is for). Raises the store's
+    first error; what went through is marked, so calling again continues. `floor` ({key: step}):
+    values at or before these steps are not sent (MLflow has those steps from an earlier process).
+    Returns how many values that left out."""
     from mlflow.entities import Metric, RunTag
 
     floor = floor or {}
@@ -365,7 +386,7 @@ def send_pending(journal: RunJournal, client, should_stop: Callable[[], bool] = 
         journal.tags_sent(tags)
     for local_path, artifact_path in journal.artifacts():
         if should_stop():
-            return
+            return left_out
         path = Path(local_path)
         if path.is_dir():
             client.log_artifacts(journal.run_id, local_path, artifact_path)
@@ -374,6 +395,16 @@ def send_pending(journal: RunJournal, client, should_stop: Callable[[], bool] = 
         else:
             logger.warning("Artifact %s of MLflow run %s no longer exists; not uploaded.", local_path, journal.run_id)
         journal.artifact_sent(local_path, artifact_path)
+    for checkpoint, registered_model_name in journal.models():
+        if should_stop():
+            return left_out
+        if Path(checkpoint).is_dir():
+            from nanovlm.export.mlflow_model import log_model
+            log_model(journal.run_id, uri or journal.uri, checkpoint, registered_model_name)
+        else:
+            logger.warning("Checkpoint %s of MLflow run %s no longer exists; its model is not logged.", checkpoint,
+                           journal.run_id)
+        journal.model_sent(checkpoint, registered_model_name)
     status = journal.unsent_status()
     if status is not None and not should_stop():
         client.set_terminated(journal.run_id, status)
@@ -426,6 +457,11 @@ class JournaledRun:
 
     def log_artifact(self, local_path: str | Path, artifact_path: Optional[str] = None) -> None:
         self.log_artifacts(local_path, artifact_path)
+
+    def log_model(self, checkpoint: str | Path, registered_model_name: Optional[str] = None) -> None:
+        """The model in `checkpoint` as an MLflow model of this run (nanovlm.export.mlflow_model)."""
+        self.journal.add_model(checkpoint, registered_model_name)
+        self._wake.set()
 
     def checkpoint(self) -> None:
         """At a training checkpoint: the journal to stable storage, and a send."""
@@ -583,7 +619,7 @@ def _sync_one(directory: Path, uri: Optional[str], wait_s: float = 0.0) -> SyncR
                 journal.request_status("FAILED")  # its process died without ending it
                 what = journal.describe_pending() + " (its process ended without ending the run)"
             status = journal.unsent_status()
-            send_pending(journal, client)
+            send_pending(journal, client, uri=store)
         except Exception as exc:  # noqa: BLE001 - reported per journal; it stays for the next try
             return SyncResult(directory, journal.run_id, what, None,
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")

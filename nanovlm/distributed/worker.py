@@ -125,7 +125,7 @@ class RayTrainHooks(MlflowHooks):
         run, owns_run = None, False
         if self.rank == 0 and tracking_spec is not None:
             run, owns_run = self._open_mlflow_run(tracking_spec)
-        super().__init__(run, train_cfg.output_dir, owns_run=owns_run)
+        super().__init__(run, train_cfg.output_dir, owns_run=owns_run, register_model=train_cfg.register_model)
 
     # ------------------------------------------------------------------ loop contract
 

@@ -81,7 +81,8 @@ def run_trial(config: dict[str, Any], *, spec: SweepSpec, sweep_dir: str, parent
         ray.tune.report({"invalid": 1.0, "invalid_reason": str(exc)})
         return
     train_cfg = train_cfg.replace(output_dir=str(trial_output_dir(sweep_dir, trial_id)),
-                                  storage_path=storage.join(sweep_dir, "train"))
+                                  storage_path=storage.join(sweep_dir, "train"),
+                                  register_model=None)   # only the best trial's model is registered (_finish_parent)
     run_id = _find_child_run(tracking_uri, parent_run_id, trial_id)
     tracking_spec = {"uri": tracking_uri, "experiment_name": train_cfg.experiment_name, "run_id": run_id,
                      "parent_run_id": parent_run_id, "run_name": trial_id,
@@ -326,7 +327,8 @@ def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
     files = write_results(records, spec, state.local_dir / "results")
     storage.upload_dir(state.local_dir / "results", storage.join(sweep_dir, "results"))
     best = best_trial(records, spec.metric, spec.mode)
-    _finish_parent(JournaledRun(parent.run_id, uri, state.local_dir), spec, records, best, files, interrupted)
+    _finish_parent(JournaledRun(parent.run_id, uri, state.local_dir), spec, records, best, files, interrupted,
+                   state.local_dir)
     pending = settle(state.local_dir)
     if pending:
         logger.warning("MLflow store %s did not take everything; the rest waits in %d journal(s) under %s. "
@@ -422,7 +424,7 @@ def _create_parent_run(spec: SweepSpec, sweep_dir: Path, uri: str, experiment_na
 
 
 def _finish_parent(parent: JournaledRun, spec: SweepSpec, records: list[TrialRecord],
-                   best: Optional[TrialRecord], files: dict[str, Path], interrupted: bool) -> None:
+                   best: Optional[TrialRecord], files: dict[str, Path], interrupted: bool, local_dir: Path) -> None:
     counts: dict[str, int] = {}
     for record in records:
         counts[record.status] = counts.get(record.status, 0) + 1
@@ -439,6 +441,15 @@ def _finish_parent(parent: JournaledRun, spec: SweepSpec, records: list[TrialRec
     parent.set_tags(tags)
     for path in files.values():
         parent.log_artifact(path)
+    register = spec.base_configs()[1].register_model
+    if register and best is not None:
+        # The best trial's final model, as an MLflow model of the parent run, registered under that name
+        # (from this node's copy of the trial: on object storage, a trial that ran on this node).
+        from nanovlm.training.checkpointing import latest_checkpoint
+
+        checkpoint = latest_checkpoint(local_dir / "trials" / best.trial_id)
+        if checkpoint is not None:
+            parent.log_model(checkpoint, register)
     parent.close("KILLED" if interrupted else "FINISHED")
 
 

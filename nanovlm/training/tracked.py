@@ -4,7 +4,8 @@
 A run is tracked the same way on both routes: the process that starts it checks the store,
 then creates the MLflow run (or, resuming, reopens the one the checkpoint's run record names);
 the loop's hooks log metrics by step, write the run record into each checkpoint, and log the
-final checkpoint and summary.json as artifacts. In one process `MlflowHooks` are the hooks; on
+final checkpoint and summary.json as artifacts, and the final model as an MLflow model (registered
+under `TrainConfig.register_model` if set; nanovlm/export/mlflow_model.py). In one process `MlflowHooks` are the hooks; on
 Ray Train, `RayTrainHooks` extends them (rank 0 logs, the driver creates and closes the run).
 The loop itself (loop.py) knows nothing of MLflow.
 
@@ -37,10 +38,12 @@ class MlflowHooks(TrainHooks):
     Ray rank other than 0). `owns_run`: end the run at the end (else its creator ends it).
     After `close`, `pending` is the journal directory holding what the store did not take, or None."""
 
-    def __init__(self, run: Optional[JournaledRun], output_dir: str | Path, *, owns_run: bool):
+    def __init__(self, run: Optional[JournaledRun], output_dir: str | Path, *, owns_run: bool,
+                 register_model: Optional[str] = None):
         self.run = run
         self.output_dir = Path(output_dir)
         self.owns_run = owns_run
+        self.register_model = register_model   # MLflow registry name for the final model, if any
         self.pending: Optional[Path] = None
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
@@ -62,6 +65,7 @@ class MlflowHooks(TrainHooks):
         if self.run is not None:
             if summary.get("checkpoint"):
                 self.run.log_artifacts(summary["checkpoint"], "checkpoint")
+                self.run.log_model(summary["checkpoint"], self.register_model)   # a pyfunc (docs/export.md)
             if (self.output_dir / "summary.json").exists():
                 self.run.log_artifact(self.output_dir / "summary.json")
         self.close("FINISHED")
@@ -105,7 +109,7 @@ def train_tracked(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Op
             config, uri=uri, run_name=run_name or tracking.default_run_name(preset_name), tags=tags,
             run_id=tracking.recorded_run_id(checkpoint, uri) if checkpoint is not None else None)
         run = JournaledRun(run_id, uri, train_cfg.output_dir, flush_every=train_cfg.log_interval)
-    hooks = MlflowHooks(run, train_cfg.output_dir, owns_run=True)
+    hooks = MlflowHooks(run, train_cfg.output_dir, owns_run=True, register_model=train_cfg.register_model)
     try:
         summary = train(vlm_cfg, train_cfg, hooks=hooks, resume_from=checkpoint, validate=False)
     except KeyboardInterrupt:
