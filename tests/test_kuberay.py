@@ -19,6 +19,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = ROOT / "deploy" / "kuberay-rayjob.yaml"
 KUBERNETES_VERSION = "1.30"
+IMAGE_PROJECT_DIR = "/home/ray/nanovlm-ray"
 
 _STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 _POD_TEMPLATE = {"type": "object"}  # checked against Kubernetes' PodTemplateSpec below
@@ -126,11 +127,13 @@ def test_the_image_is_built_on_the_tested_ray_version(job):
     assert job["spec"]["rayClusterSpec"]["rayVersion"] == ray_version
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert f"FROM rayproject/ray:{ray_version}-py311-gpu" in dockerfile
-    images = {c["image"] for _, t in _pod_templates(job) for c in t["spec"]["containers"]}
-    assert len(images) == 1  # every node runs the same code
+    assert f"WORKDIR {IMAGE_PROJECT_DIR}" in dockerfile
+    containers = [c for _, t in _pod_templates(job) for c in t["spec"]["containers"]]
+    assert len({c["image"] for c in containers}) == 1  # every node runs the same code
+    assert {c["workingDir"] for c in containers} == {IMAGE_PROJECT_DIR}
 
 
-def test_the_entrypoint_is_a_gpu_sweep_on_object_storage_that_nanovlm_accepts(job, monkeypatch):
+def test_the_entrypoint_is_a_gpu_sweep_on_object_storage_that_nanovlm_accepts(job):
     from nanovlm.cli import build_parser
     from nanovlm.sweep.space import check_some_trial_is_valid, load_space
 
@@ -138,8 +141,8 @@ def test_the_entrypoint_is_a_gpu_sweep_on_object_storage_that_nanovlm_accepts(jo
     assert words[:2] == ["nanovlm", "sweep"]
     args = build_parser().parse_args(words[1:])
     assert args.storage_path.startswith("s3://")
-    monkeypatch.chdir(ROOT)  # the image's working directory holds the project
-    spec = load_space(args.space, args.overrides)
+    assert args.space.startswith(IMAGE_PROJECT_DIR + "/")  # where deploy/Dockerfile puts the project
+    spec = load_space(ROOT / args.space[len(IMAGE_PROJECT_DIR) + 1:], args.overrides)
     check_some_trial_is_valid(spec)
     _, train = spec.base_configs()
     assert train.use_gpu and train.num_workers == 2
