@@ -302,8 +302,10 @@ class TrainConfig(_Serialised):
     device: str = "auto"                  # "auto", "cpu", "cuda"
 
     # --- data ---
-    train_dataset_path: str = "shapes"    # "shapes", a local dir (imagefolder/parquet/save_to_disk) or a Hub id
-    train_dataset_name: str = "all"       # Hub config / subset names, comma separated
+    train_dataset_path: str = "shapes"    # "shapes", local files/dirs or Hub ids; several, comma separated, mix (docs/data.md)
+    train_dataset_name: str = "all"       # Hub config / subset names, comma separated (one entry's own: "repo[a,b]")
+    train_dataset_weights: Optional[str] = None  # mixture weights, one per train_dataset_path entry; None: by rows
+    stream_dataset: Optional[bool] = None # read each worker's rows as batches need them; None: auto (docs/data.md)
     val_ratio: float = 0.025              # for datasets without a validation split
     data_cutoff_idx: Optional[int] = None # use only the first N training rows
     shapes_max_objects: int = 1
@@ -312,6 +314,11 @@ class TrainConfig(_Serialised):
     shapes_eval_size: int = 512
     shapes_seed: int = 1234
     max_images_per_example: int = 4       # rows with more images are skipped (and counted)
+    # FineVision's per-turn ratings (1..5), nanoVLM's filters: a turn rated lower is dropped (1 keeps all)
+    relevance_min_rating: int = 1
+    image_correspondence_min_rating: int = 1
+    visual_dependency_min_rating: int = 1
+    formatting_min_rating: int = 1
     tokenizer_path: Optional[str] = None  # overrides VLMConfig.lm_tokenizer (e.g. a locally trained one)
     dataloader_workers: int = 0
 
@@ -374,6 +381,7 @@ class TrainConfig(_Serialised):
             errors.append(f"max_images_per_knapsack={self.max_images_per_knapsack} must be positive.")
         if self.peak_flops is not None and self.peak_flops <= 0:
             errors.append(f"peak_flops={self.peak_flops} must be positive (or None to measure it).")
+        errors += _dataset_errors(self)
         if self.lr_mp == self.lr_vision_backbone == self.lr_language_backbone == 0:
             errors.append("lr_mp, lr_vision_backbone and lr_language_backbone are all 0: nothing would train.")
         if errors:
@@ -396,6 +404,70 @@ class TrainConfig(_Serialised):
                                  "e.g. worker_resources=node_slot=1.")
             resources[name.strip()] = value
         return resources
+
+
+class DatasetEntry(typing.NamedTuple):
+    """One dataset of `train_dataset_path`: its path or Hub id, its own Hub subsets ("repo[a,b]";
+    None: `train_dataset_name`'s) and its weight in the mixture (None: by its rows)."""
+    path: str
+    subsets: Optional[tuple[str, ...]]
+    weight: Optional[float]
+
+
+def dataset_entries(path: str, weights: Optional[str] = None) -> list[DatasetEntry]:
+    """`train_dataset_path` and `train_dataset_weights` as entries: "a.parquet,org/repo[x,y]" and
+    "0.7,0.3". `ConfigError` naming the field and the problem."""
+    parts, depth, current = [], 0, ""
+    for char in path:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth < 0 or depth > 1:
+            raise ConfigError(f"train_dataset_path={path!r}: unbalanced brackets; write an entry's subsets as repo[a,b].")
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    if depth:
+        raise ConfigError(f"train_dataset_path={path!r}: unbalanced brackets; write an entry's subsets as repo[a,b].")
+    entries = []
+    for part in (p.strip() for p in parts + [current]):
+        subsets = None
+        if part.endswith("]"):
+            part, _, inner = part[:-1].partition("[")
+            subsets = tuple(s.strip() for s in inner.split(",") if s.strip()) or None
+            part = part.strip()
+        if not part:
+            raise ConfigError(f"train_dataset_path={path!r} has an empty entry; separate datasets by single commas.")
+        entries.append((part, subsets))
+    values: list[Optional[float]] = [None] * len(entries)
+    if weights is not None:
+        try:
+            values = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise ConfigError(f"train_dataset_weights={weights!r} must be numbers separated by commas.") from None
+        if len(values) != len(entries) or not all(0 < w < float("inf") for w in values):
+            raise ConfigError(f"train_dataset_weights={weights!r} must hold one positive weight per entry of "
+                              f"train_dataset_path ({len(entries)}: {[p for p, _ in entries]}).")
+    return [DatasetEntry(p, s, w) for (p, s), w in zip(entries, values)]
+
+
+def _dataset_errors(train: "TrainConfig") -> list[str]:
+    errors = []
+    try:
+        entries = dataset_entries(train.train_dataset_path, train.train_dataset_weights)
+    except ConfigError as exc:
+        return [str(exc)]
+    if "shapes" in [e.path for e in entries] and len(entries) > 1:
+        errors.append(f"train_dataset_path={train.train_dataset_path!r}: 'shapes' is generated in memory and "
+                      "cannot be part of a mixture; mix files or Hub datasets.")
+    if entries[0].path == "shapes" and train.stream_dataset:
+        errors.append("stream_dataset=True needs files or a Hub dataset; 'shapes' is generated in memory (use "
+                      "stream_dataset=None or False).")
+    for name in ("relevance", "image_correspondence", "visual_dependency", "formatting"):
+        value = getattr(train, f"{name}_min_rating")
+        if not 0 <= value <= 5:
+            errors.append(f"{name}_min_rating={value} must be in [0, 5] (FineVision rates 1 to 5; 1 keeps every turn).")
+    return errors
 
 
 # ==================================================================== presets

@@ -31,7 +31,8 @@ from nanovlm.config import TrainConfig, VLMConfig, apply_overrides, parse_overri
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--dataset", default=None, help="train_dataset_path: 'shapes', a local dir or a Hub id")
+    parser.add_argument("--dataset", default=None, help="train_dataset_path: 'shapes', local files or dirs, Hub ids "
+                        "or URIs; several, comma separated, are mixed (docs/data.md)")
     parser.add_argument("--max-steps", type=int, default=None, help="max_training_steps")
     parser.add_argument("--output", default=None, help="output_dir (checkpoints, summary.json)")
     parser.add_argument("--resume", default=None, metavar="DIR",

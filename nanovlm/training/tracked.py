@@ -4,9 +4,10 @@
 A run is tracked the same way on both routes: the process that starts it checks the store,
 then creates the MLflow run (or, resuming, reopens the one the checkpoint's run record names);
 the loop's hooks log metrics by step, write the run record into each checkpoint, and log the
-final checkpoint and summary.json as artifacts, and the final model as an MLflow model (registered
-under `TrainConfig.register_model` if set; nanovlm/export/mlflow_model.py). In one process `MlflowHooks` are the hooks; on
-Ray Train, `RayTrainHooks` extends them (rank 0 logs, the driver creates and closes the run).
+data counts (`data_*` metrics at the last step), the final checkpoint and summary.json as
+artifacts, and the final model as an MLflow model (registered under `TrainConfig.register_model`
+if set; nanovlm/export/mlflow_model.py). In one process `MlflowHooks` are the hooks; on Ray
+Train, `RayTrainHooks` extends them (rank 0 logs, the driver creates and closes the run).
 The loop itself (loop.py) knows nothing of MLflow.
 
 Logging goes through the run's journal in output_dir (`nanovlm.tracking_journal`): a step costs
@@ -63,6 +64,8 @@ class MlflowHooks(TrainHooks):
 
     def on_end(self, summary: dict[str, Any]) -> None:
         if self.run is not None:
+            if summary.get("data"):
+                self.run.log_metrics(data_metrics(summary["data"]), summary["steps"])
             if summary.get("checkpoint"):
                 self.run.log_artifacts(summary["checkpoint"], "checkpoint")
                 self.run.log_model(summary["checkpoint"], self.register_model)   # a pyfunc (docs/export.md)
@@ -76,6 +79,16 @@ class MlflowHooks(TrainHooks):
         if self.run is not None:
             self.pending = self.run.close(status if self.owns_run else None, deadline)
             self.run = None
+
+
+def data_metrics(data: dict[str, Any]) -> dict[str, float]:
+    """The summary's data counts as MLflow metrics: `data_rows_scanned`, `data_rows_streamed`,
+    `data_skipped_total` and `data_skipped_<reason>` (every reason, 0 included)."""
+    from nanovlm.data.samples import SKIP_FIXES
+
+    metrics = {f"data_{key}": float(data[key]) for key in ("rows_scanned", "rows_streamed", "skipped_total")}
+    metrics.update({f"data_skipped_{reason}": float(data["skipped"].get(reason, 0)) for reason in SKIP_FIXES})
+    return metrics
 
 
 def train_tracked(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Optional[str] = None,
