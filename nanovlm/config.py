@@ -344,6 +344,7 @@ class TrainConfig(_Serialised):
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    worker_resources: str = ""            # custom Ray resources per worker, "name=amount,...", e.g. "node_slot=1"
     report_interval: int = 10             # steps between metric reports to Ray (one is skipped while one waits)
     checkpoints_to_keep: int = 2
     max_failures: int = 0
@@ -369,6 +370,10 @@ class TrainConfig(_Serialised):
                 errors.append(f"{name}={getattr(self, name)} must be in [0, 1].")
         if self.cpus_per_worker <= 0:
             errors.append(f"cpus_per_worker={self.cpus_per_worker} must be positive.")
+        try:
+            self.custom_worker_resources()
+        except ValueError as exc:
+            errors.append(str(exc))
         if self.dtype not in ("auto", "float32", "bfloat16"):
             errors.append(f"dtype={self.dtype!r} must be one of 'auto', 'float32', 'bfloat16'.")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -386,6 +391,23 @@ class TrainConfig(_Serialised):
         if errors:
             raise ConfigError("Invalid TrainConfig:\n  " + "\n  ".join(errors))
         return self
+
+    def custom_worker_resources(self) -> dict[str, float]:
+        """`worker_resources` "node_slot=1,fast_disk=0.5" -> {"node_slot": 1.0, "fast_disk": 0.5}: what each
+        Ray Train worker needs besides its CPUs and GPU (`ray start --resources` gives nodes such resources)."""
+        resources: dict[str, float] = {}
+        for item in filter(None, (part.strip() for part in self.worker_resources.split(","))):
+            name, _, amount = item.partition("=")
+            try:
+                value = float(amount)
+            except ValueError:
+                value = -1.0
+            if not name.strip() or value <= 0 or name.strip() in ("CPU", "GPU", "memory"):
+                raise ValueError(f"worker_resources={self.worker_resources!r}: {item!r} is not NAME=AMOUNT with a "
+                                 "positive amount and a custom name (CPUs and GPUs have cpus_per_worker and use_gpu), "
+                                 "e.g. worker_resources=node_slot=1.")
+            resources[name.strip()] = value
+        return resources
 
 
 def _eval_task_errors(train: TrainConfig) -> list[str]:

@@ -36,9 +36,15 @@ nothing and costs the step nothing. `close` waits for the thread up to a deadlin
 `nanovlm tracking sync DIR` (`sync`) sends it later. The journal itself stays after the run,
 compacted to `last_steps` once MLflow has everything: a later resume reads it to log no step twice.
 
-Limit: the journal lives in `output_dir` on rank 0's node. A rank 0 that Ray restarts on another
-node without a shared output_dir starts an empty journal there and may log again the steps its
-predecessor logged after the last checkpoint.
+Across nodes: the journal lives in `output_dir` on rank 0's node. A rank 0 that Ray restarts on
+another node (output_dir not shared) starts an empty journal there, so the re-log rule above
+cannot see its predecessor's steps; MLflow can. Before a process sends anything, its sender
+reads the last step MLflow holds for each metric of the run (`store_floor`), and never sends a
+value at or before it: the steps the predecessor sent are not logged again (values are sent in
+step order, so MLflow holds every step up to that one). What the predecessor journalled but had
+not sent yet travels in each training checkpoint (`save_unsent`, `UNSENT_FILE`): the successor
+resumes from a checkpoint, journals those steps (`adopt`) and sends the ones MLflow lacks; the
+steps after the checkpoint it computes, and logs, again.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from nanovlm import tracking
 logger = logging.getLogger(__name__)
 
 JOURNAL_DIRNAME = "mlflow_journal"
+UNSENT_FILE = "mlflow_unsent.jsonl"   # in a training checkpoint: the journal's lines MLflow may lack
 DEADLINE_ENV = "NANOVLM_TRACKING_DEADLINE_S"
 DEFAULT_DEADLINE_S = 30.0
 BATCH_METRICS = 1000          # MLflow's limit of metric values per log_batch
@@ -117,9 +124,10 @@ class RunJournal:
         self._save_run()
 
     # ---- metrics
-    def append(self, step: int, values: dict[str, float]) -> None:
+    def append(self, step: int, values: dict[str, float], timestamp: Optional[int] = None) -> None:
         """One line, one write(): on disk (in the page cache) when this returns."""
-        line = json.dumps({"step": step, "timestamp": int(time.time() * 1000), "metrics": values})
+        stamp = int(time.time() * 1000) if timestamp is None else timestamp
+        line = json.dumps({"step": step, "timestamp": stamp, "metrics": values})
         os.write(self._fd, (line + "\n").encode())
         for key in values:
             self.last_steps[key] = step
@@ -136,6 +144,12 @@ class RunJournal:
         with self._mutex:
             start = self.sent
         return self._entries(start, BATCH_METRICS)
+
+    def all_unsent(self) -> list[dict[str, Any]]:
+        """Every complete line after what MLflow has."""
+        with self._mutex:
+            start = self.sent
+        return self._entries(start, None)[0]
 
     def mark_sent(self, offset: int) -> None:
         with self._mutex:
@@ -337,19 +351,32 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 # ==================================================================== sending
 
+def store_floor(client, run_id: str) -> dict[str, int]:
+    """{metric key: the last step MLflow holds for it} of a run (one request: the run's latest metrics)."""
+    run = client.get_run(run_id)
+    return {metric.key: int(metric.step) for metric in getattr(run.data, "_metric_objs", [])}
+
+
 def send_pending(journal: RunJournal, client, should_stop: Callable[[], bool] = lambda: False,
-                 uri: Optional[str] = None) -> None:
+                 uri: Optional[str] = None, floor: Optional[dict[str, int]] = None) -> int:
     """Send what MLflow lacks: the metrics in batches, the tags, the artifacts, the models, then the
     end status (to `uri`, default the journal's store, which `client` is for). Raises the store's
-    first error; what went through is marked, so calling again continues."""
+    first error; what went through is marked, so calling again continues. `floor` ({key: step}):
+    values at or before these steps are not sent (MLflow has those steps from an earlier process).
+    Returns how many values that left out."""
     from mlflow.entities import Metric, RunTag
 
+    floor = floor or {}
+    left_out = 0
     while not should_stop():
         entries, end = journal.unsent()
         if not entries:
             break
         metrics = [Metric(key, value, entry["timestamp"], entry["step"])
                    for entry in entries for key, value in entry["metrics"].items()]
+        kept = [m for m in metrics if m.step > floor.get(m.key, -1)]
+        left_out += len(metrics) - len(kept)
+        metrics = kept
         for i in range(0, len(metrics), BATCH_METRICS):
             client.log_batch(journal.run_id, metrics=metrics[i:i + BATCH_METRICS])
         journal.mark_sent(end)
@@ -359,7 +386,7 @@ def send_pending(journal: RunJournal, client, should_stop: Callable[[], bool] = 
         journal.tags_sent(tags)
     for local_path, artifact_path in journal.artifacts():
         if should_stop():
-            return
+            return left_out
         path = Path(local_path)
         if path.is_dir():
             client.log_artifacts(journal.run_id, local_path, artifact_path)
@@ -370,7 +397,7 @@ def send_pending(journal: RunJournal, client, should_stop: Callable[[], bool] = 
         journal.artifact_sent(local_path, artifact_path)
     for checkpoint, registered_model_name in journal.models():
         if should_stop():
-            return
+            return left_out
         if Path(checkpoint).is_dir():
             from nanovlm.export.mlflow_model import log_model
             log_model(journal.run_id, uri or journal.uri, checkpoint, registered_model_name)
@@ -382,6 +409,7 @@ def send_pending(journal: RunJournal, client, should_stop: Callable[[], bool] = 
     if status is not None and not should_stop():
         client.set_terminated(journal.run_id, status)
         journal.status_sent()
+    return left_out
 
 
 class JournaledRun:
@@ -401,6 +429,7 @@ class JournaledRun:
         self.journal.request_status(None)  # running (again)
         self.failures = 0      # failed tries to reach the store
         self.skipped = 0       # values of steps an earlier attempt logged
+        self.left_out = 0      # values the sender did not send: MLflow had their steps (store_floor)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._sent = threading.Condition()
@@ -439,6 +468,27 @@ class JournaledRun:
         self.journal.fsync()
         self._wake.set()
 
+    def save_unsent(self, checkpoint_dir: str | Path) -> None:
+        """Into a training checkpoint: the steps MLflow may not have yet (`UNSENT_FILE`). The journal
+        stays on this node; a successor on another node resumes from the checkpoint and `adopt`s them."""
+        lines = "".join(json.dumps(entry) + "\n" for entry in self.journal.all_unsent())
+        Path(checkpoint_dir, UNSENT_FILE).write_text(lines)
+
+    def adopt(self, checkpoint_dir: str | Path) -> int:
+        """Journal the steps a checkpoint carries (`save_unsent`) that this journal lacks, with their
+        own timestamps; the sender leaves out those MLflow has. Returns how many values were added."""
+        path = Path(checkpoint_dir, UNSENT_FILE)
+        added = 0
+        for line in path.read_text().splitlines() if path.exists() else []:
+            entry = json.loads(line)
+            new = {k: v for k, v in entry["metrics"].items() if not self.journal.logged(k, entry["step"])}
+            if new:
+                self.journal.append(entry["step"], new, entry["timestamp"])
+                added += len(new)
+        if added:
+            self._wake.set()
+        return added
+
     def close(self, status: Optional[str], deadline: Optional[float] = None) -> Optional[Path]:
         """End this process's logging: ask for `status` (None: another process ends the run)
         and wait up to `deadline` seconds (default `deadline_s()`) for MLflow to take
@@ -455,9 +505,9 @@ class JournaledRun:
         if complete:
             self._thread.join(timeout=5)
             self.journal.compact()
-        if self.skipped:
+        if self.skipped or self.left_out:
             logger.info("MLflow run %s: %d values of steps logged before a restart were not logged again.",
-                        self.run_id, self.skipped)
+                        self.run_id, self.skipped + self.left_out)
         description = self.journal.describe_pending()
         self.journal.close()
         if complete:
@@ -469,14 +519,16 @@ class JournaledRun:
         return self.journal.dir
 
     def _send_loop(self) -> None:
-        client = None
+        client, floor = None, None
         backoff, down_since = 0.5, None
         while not self._stopping.is_set():
             self._wake.wait(SEND_PERIOD_S)
             self._wake.clear()
             try:
                 client = client or tracking._client(self.uri)
-                send_pending(self.journal, client, should_stop=self._stopping.is_set)
+                # what MLflow held before this process sent anything (see "Across nodes")
+                floor = store_floor(client, self.run_id) if floor is None else floor
+                self.left_out += send_pending(self.journal, client, should_stop=self._stopping.is_set, floor=floor)
             except Exception as exc:  # noqa: BLE001 - kept in the journal, tried again
                 self.failures += 1
                 if down_since is None:

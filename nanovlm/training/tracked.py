@@ -59,6 +59,7 @@ class MlflowHooks(TrainHooks):
         if self.run is not None:
             if checkpoint_dir is not None:
                 tracking.write_run_record(checkpoint_dir, self.run.run_id, self.run.uri)
+                self.run.save_unsent(checkpoint_dir)  # for a successor on another node
             self.run.checkpoint()
 
     def on_end(self, summary: dict[str, Any]) -> None:
