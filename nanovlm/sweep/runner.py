@@ -180,10 +180,11 @@ class SweepTracker(Callback):
         entry = self.state.trial(trial.trial_id)
         sampled = {name: trial.config.get(name) for name in self.spec.space}
         tags = {STATUS_TAG: "running"}
-        if entry.get("config") not in (None, sampled):  # PBT restarts it from another trial's checkpoint
-            entry.setdefault("explored", []).append(
-                {"config": sampled, "from_checkpoint": getattr(trial.checkpoint, "path", None)})
-            tags[EXPLORED_TAG] = json.dumps(entry["explored"])[:5000]
+        restored = getattr(trial.checkpoint, "path", None)  # Tune holds one only after a PBT exploit
+        explored = entry.setdefault("explored", [])
+        if restored and (not explored or explored[-1]["from_checkpoint"] != restored):
+            explored.append({"config": sampled, "from_checkpoint": restored})
+            tags[EXPLORED_TAG] = json.dumps(explored)[:5000]
         entry.update(config=sampled, status="running")
         if entry.get("run_id"):  # resumed trial: keep logging into its run
             tracking.TrackingRun(entry["run_id"], self.uri).set_tags(tags)

@@ -199,16 +199,18 @@ def build_search(spec: "SweepSpec"):
 
     if spec.search.type == "optuna":
         import optuna
-        from ray.tune.search.optuna import OptunaSearch
+
+        from nanovlm.sweep.optuna_search import EvaluatedOptunaSearch
 
         sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.search.startup_trials)
-        searcher = OptunaSearch(metric=spec.metric, mode=spec.mode, sampler=sampler)
+        searcher = EvaluatedOptunaSearch(metric=spec.metric, mode=spec.mode, sampler=sampler)
         return ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent_trials)
     # Tune ignores TuneConfig.max_concurrent_trials for a generator passed in: limit it here.
     return BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.max_concurrent_trials)
 
 
 def build_scheduler(spec: "SweepSpec"):
+    from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     sched = spec.scheduler
@@ -216,7 +218,9 @@ def build_scheduler(spec: "SweepSpec"):
         return ASHAScheduler(time_attr=sched.time_attr, metric=spec.metric, mode=spec.mode, max_t=sched.max_t,
                              grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
     if sched.type == "pbt":
-        mutations = {name: (list(spec.space[name].args) if spec.space[name].kind in ("choice", "grid")
+        # Domains, grid and choice values too: PBT scales a value by 0.8 or 1.2, or resamples it
+        # (a plain list would only step between the listed values).
+        mutations = {name: (tune.choice(list(spec.space[name].args)) if spec.space[name].kind in ("choice", "grid")
                             else spec.space[name].to_tune()) for name in sched.mutate}
         # require_attrs=False: most reports carry the step's metrics only; PBT acts on those with the metric.
         return PopulationBasedTraining(

@@ -1,0 +1,193 @@
+"""Sweeps at scale on a private 2-CPU Ray cluster and a real `mlflow server` (SQLite behind it,
+artifacts served by it): two trials writing through the server at once lose no run and no
+step, rank 0 records system metrics, `search: optuna`, `scheduler: pbt` exploiting through a
+checkpoint, the best checkpoints kept, and a benchmark grid measuring its points in parallel.
+
+Starts Ray and an MLflow server: run under `flock /tmp/nanovlm-ray.lock`."""
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from nanovlm import tracking
+from nanovlm.commands.dashboard import MlflowServer
+from nanovlm.sweep.results import TrialRecord
+
+pytestmark = pytest.mark.timeout(600)
+
+FIXED = {
+    "max_training_steps": 4, "eval_interval": 2, "checkpoint_interval": 2, "eval_samples": 8, "batch_size": 4,
+    "report_interval": 1, "log_interval": 1, "max_new_tokens_eval": 4, "shapes_train_size": 64,
+    "shapes_eval_size": 16, "vit_n_blocks": 1, "lm_n_blocks": 1, "system_metrics_interval": 0.5,
+}
+RESOURCES = {"workers_per_trial": 1, "cpus_per_worker": 0.4, "driver_cpus": 0.2}
+
+
+def _spec(name, **changes):
+    from nanovlm.sweep.space import parse_space
+
+    data = {"name": name, "preset": "tiny", "overrides": {**FIXED, "experiment_name": name},
+            "metric": "val_loss", "mode": "min", "scheduler": "none", "max_concurrent_trials": 2,
+            "resources": RESOURCES, "time_budget_s": 300, **changes}
+    return parse_space(data, where=name)
+
+
+# ----------------------------------------------------------------------------- without Ray
+
+def test_a_trials_best_checkpoint_is_its_best_scored_one_that_still_exists(tmp_path):
+    for step in (2, 4, 6):
+        (tmp_path / f"step_{step}").mkdir()
+    history = [{"step": 2, "val_loss": 1.5, "checkpoint_path": str(tmp_path / "step_2")},
+               {"step": 3, "loss": 1.0},
+               {"step": 4, "val_loss": 1.2, "checkpoint_path": str(tmp_path / "step_4")},
+               {"step": 5, "val_loss": 1.1, "checkpoint_path": str(tmp_path / "step_5")},  # deleted by Train
+               {"step": 6, "val_loss": 1.3, "checkpoint_path": str(tmp_path / "step_6")}]
+    record = TrialRecord("t1", {}, "completed", history=history)
+    assert record.best_checkpoint("val_loss", "min") == {"path": str(tmp_path / "step_4"), "step": 4,
+                                                         "val_loss": 1.2}
+    assert record.best_checkpoint("val_loss", "max")["step"] == 2
+    assert TrialRecord("t2", {}, "completed", history=[{"step": 1, "loss": 1.0}]).best_checkpoint("loss", "min") is None
+
+
+# ----------------------------------------------------------------------------- a cluster and a server
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    import ray
+
+    from nanovlm.distributed.cluster import start_local_ray
+
+    root = tmp_path_factory.mktemp("scale")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = root / "server" / "mlflow.db"
+    tracking.check_tracking_store(f"sqlite:///{db}")  # tables first: the server starts faster
+    server = MlflowServer(f"sqlite:///{db}", port)
+    server.start()
+    start_local_ray(num_cpus=2, temp_dir=str(root / "ray"))
+    try:
+        yield {"root": root, "uri": server.address, "artifacts": db.parent / tracking.ARTIFACTS_DIRNAME}
+    finally:
+        ray.shutdown()
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        server.stop()
+
+
+def _children(uri, outcome):
+    client = tracking._client(uri)
+    parent = client.get_run(outcome.parent_run_id)
+    return client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
+
+
+@pytest.fixture(scope="module")
+def optuna_sweep(cluster):
+    from nanovlm.sweep.runner import run_sweep
+
+    spec = _spec("scale-optuna", search={"type": "optuna", "startup_trials": 1}, num_samples=2,
+                 space={"lr_mp": {"loguniform": [1.0e-4, 1.0e-2]}, "mp_pixel_shuffle_factor": {"choice": [1, 2]}})
+    return run_sweep(spec, storage_path=cluster["root"] / "sweeps", tracking_uri=cluster["uri"])
+
+
+@pytest.mark.slow
+def test_two_trials_writing_through_the_server_at_once_lose_no_step(cluster, optuna_sweep):
+    client = tracking._client(cluster["uri"])
+    children = _children(cluster["uri"], optuna_sweep)
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    for run in children:
+        loss = client.get_metric_history(run.info.run_id, "loss")
+        assert sorted(m.step for m in loss) == [1, 2, 3, 4]  # every step, once
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_loss")) == [2, 4]
+    first, second = (r.info for r in children)
+    assert first.start_time < second.end_time and second.start_time < first.end_time  # open at the same time
+    for run in children:  # artifacts went through the server into its destination
+        assert {"checkpoint", "summary.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert client.get_experiment(run.info.experiment_id).artifact_location.startswith("mlflow-artifacts:")
+    assert len(list(cluster["artifacts"].glob("**/summary.json"))) == 2
+
+
+@pytest.mark.slow
+def test_rank_0_records_system_metrics_in_its_run(cluster, optuna_sweep):
+    client = tracking._client(cluster["uri"])
+    for run in _children(cluster["uri"], optuna_sweep):
+        cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+        assert cpu and all(0 <= m.value <= 100 for m in cpu)
+        assert run.data.metrics["system/system_memory_usage_megabytes"] > 0
+        assert run.data.metrics["system/process_memory_rss_megabytes"] > 50  # a process with torch in it
+
+
+@pytest.mark.slow
+def test_optuna_samples_every_trial_inside_the_space(cluster, optuna_sweep):
+    parent = tracking._client(cluster["uri"]).get_run(optuna_sweep.parent_run_id)
+    assert parent.data.params["search"] == "optuna"
+    configs = [r.config for r in optuna_sweep.records]
+    assert len(configs) == 2 and all(1e-4 <= c["lr_mp"] <= 1e-2 and c["mp_pixel_shuffle_factor"] in (1, 2)
+                                     for c in configs)
+    assert configs[0] != configs[1]
+
+
+@pytest.mark.slow
+def test_the_best_checkpoint_of_each_trial_is_kept_and_the_sweeps_best_is_written_out(optuna_sweep):
+    from nanovlm.training.checkpointing import TRAIN_STATE_FILE
+
+    data = json.loads(optuna_sweep.files["best_checkpoint.json"].read_text())
+    assert set(data["trials"]) == {r.trial_id for r in optuna_sweep.records}
+    for record in optuna_sweep.records:
+        chosen = data["trials"][record.trial_id]
+        scored = [h for h in record.history if "checkpoint_path" in h and "val_loss" in h]
+        assert chosen["val_loss"] == min(h["val_loss"] for h in scored)
+        assert Path(chosen["path"], TRAIN_STATE_FILE).exists()
+    best = data["best"]
+    assert best["trial_id"] == optuna_sweep.best.trial_id
+    assert Path(best["copy"], TRAIN_STATE_FILE).exists() and Path(best["copy"]).parent == optuna_sweep.files[
+        "results.csv"].parent
+
+
+@pytest.fixture(scope="module")
+def pbt_sweep(cluster):
+    from nanovlm.sweep.runner import run_sweep
+
+    # A trial that barely learns and one that does: the first continues from the second's checkpoint.
+    spec = _spec("scale-pbt", overrides={**FIXED, "experiment_name": "scale-pbt", "max_training_steps": 8,
+                                         "batch_size": 16},
+                 space={"lr_mp": {"grid": [1.0e-6, 2.0e-2]}},
+                 scheduler={"type": "pbt", "perturbation_interval": 2, "resample_probability": 0.0})
+    return run_sweep(spec, storage_path=cluster["root"] / "sweeps", tracking_uri=cluster["uri"])
+
+
+@pytest.mark.slow
+def test_pbt_restarts_a_weak_trial_from_a_strong_trials_checkpoint_with_a_mutated_rate(pbt_sweep):
+    state = json.loads((pbt_sweep.sweep_dir / "nanovlm_sweep.json").read_text())["trials"]
+    exploited = {tid: e["explored"] for tid, e in state.items() if e.get("explored")}
+    assert exploited, state
+    for trial_id, explored in exploited.items():
+        donor_checkpoint = Path(explored[0]["from_checkpoint"])
+        assert trial_id not in donor_checkpoint.parent.name  # another trial's Train checkpoint
+        donor_lr = next(e["config"]["lr_mp"] for tid, e in state.items() if tid in donor_checkpoint.parent.name)
+        assert explored[0]["config"]["lr_mp"] == pytest.approx(donor_lr * 0.8) or \
+            explored[0]["config"]["lr_mp"] == pytest.approx(donor_lr * 1.2)
+        summary = json.loads((pbt_sweep.sweep_dir / "trials" / trial_id / "summary.json").read_text())
+        assert summary["steps"] == 8 and summary["resumed_from"] is not None
+        assert summary["steps_this_run"] == 8 - int(donor_checkpoint.name.split("_")[1])
+    assert all(r.status == "completed" for r in pbt_sweep.records)
+
+
+@pytest.mark.slow
+def test_a_benchmark_grid_measures_its_points_in_parallel(cluster, tmp_path):
+    from nanovlm.bench.grid import parse_grid, run_grid
+
+    grid = parse_grid({
+        "name": "parallel", "preset": "tiny", "overrides": {"vit_img_size": 64, "lm_n_blocks": 1, "vit_n_blocks": 1},
+        "grid": {"mp_pixel_shuffle_factor": [2, 4]},
+        "measure": {"inference": {"batch_size": 1, "prompt_tokens": 8, "new_tokens": 32}, "training": {"text_tokens": 32},
+                    "warmup": 1, "repeats": 5},
+        "resources": {"cpu": 1}, "max_concurrent": 2})
+    run = run_grid(grid, tmp_path, tracking=False)
+    assert [r["status"] for r in run.rows] == ["ok", "ok"]
+    spans = [json.loads(p.read_text()) for p in sorted((tmp_path / "cache").glob("*.json"))]
+    assert len(spans) == 2
+    assert max(s["started"] for s in spans) < min(s["finished"] for s in spans)  # measured at the same time
