@@ -33,7 +33,8 @@ from nanovlm.distributed.cluster import ensure_ray
 from nanovlm.distributed.launcher import check_cluster_resources, check_device_settings
 from nanovlm.sweep.results import TrialRecord, best_trial, write_results
 from nanovlm.sweep.space import SweepSpec, parse_space, trial_configs
-from nanovlm.sweep.strategies import build_scheduler, build_search, resume_point, with_pbt_checkpoints
+from nanovlm.sweep.pbt import donor_trial, resume_point, with_pbt_checkpoints
+from nanovlm.sweep.strategies import build_scheduler, build_search
 from nanovlm.tracking_journal import JournaledRun, settle
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def run_trial(config: dict[str, Any], *, spec: SweepSpec, sweep_dir: str, parent
         return
     train_cfg = train_cfg.replace(output_dir=str(Path(sweep_dir) / "trials" / trial_id),
                                   storage_path=str(Path(sweep_dir) / "train"))
-    train_run, start_from = resume_point(trial_id)  # a PBT exploit restarts the trial from another's checkpoint
+    train_run, start_from = resume_point(trial_id, Path(train_cfg.output_dir))  # a PBT exploit restarts the trial from another's checkpoint
     run_id = _find_child_run(tracking_uri, parent_run_id, trial_id)
     tracking_spec = {"uri": tracking_uri, "experiment_name": train_cfg.experiment_name, "run_id": run_id,
                      "parent_run_id": parent_run_id, "run_name": trial_id,
@@ -180,10 +181,11 @@ class SweepTracker(Callback):
         entry = self.state.trial(trial.trial_id)
         sampled = {name: trial.config.get(name) for name in self.spec.space}
         tags = {STATUS_TAG: "running"}
-        restored = getattr(trial.checkpoint, "path", None)  # Tune holds one only after a PBT exploit
+        restored = getattr(trial.checkpoint, "path", None)  # PBT's: an exploit, or a paused trial resuming
         explored = entry.setdefault("explored", [])
-        if restored and (not explored or explored[-1]["from_checkpoint"] != restored):
-            explored.append({"config": sampled, "from_checkpoint": restored})
+        donor = donor_trial(trial.trial_id, restored) if restored else None
+        if donor is not None and (not explored or explored[-1]["from_checkpoint"] != restored):
+            explored.append({"config": sampled, "from_trial": donor, "from_checkpoint": restored})
             tags[EXPLORED_TAG] = json.dumps(explored)[:5000]
         entry.update(config=sampled, status="running")
         if entry.get("run_id"):  # resumed trial: keep logging into its run
@@ -364,7 +366,7 @@ def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
 
     trainable = tune.with_resources(with_pbt_checkpoints(
         tune.with_parameters(run_trial, spec=spec, sweep_dir=str(sweep_dir),
-                             parent_run_id=state.data["parent_run_id"], tracking_uri=uri), spec),
+                             parent_run_id=state.data["parent_run_id"], tracking_uri=uri), spec.scheduler.type),
         {"cpu": spec.driver_cpus})
     tracker = SweepTracker(spec, state, uri, experiment_name)
     interrupted = False

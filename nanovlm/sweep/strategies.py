@@ -9,35 +9,21 @@ file, checked before Ray starts and turned into Tune's objects.
                                  weaker trials continue from a stronger trial's checkpoint with
                                  mutated learning rates (`mutate`)
 
-PBT and our trainable. A trial is a function that fits a TorchTrainer, and Train reports to
-Tune through `TuneReportCallback`, which passes each checkpoint's path as the metric
-`checkpoint_path` but no Tune checkpoint; the function trainable then has nothing to `save()`
-when PBT asks a strong trial for its state. `PBTCheckpointMixin` (a Tune `__mixins__` class of
-the trial) answers PBT's `save()` with the latest Train checkpoint that trial reported. PBT
-gives that checkpoint to the weak trial and restarts it with the mutated config; the restarted
-trial finds it in `ray.tune.get_checkpoint()` and its TorchTrainer starts from it
-(`resume_from`) under a new Train run name, since Train would otherwise resume that trial's own
-latest checkpoint. `load_optimizer_state` applies the new config's learning rates to the
-restored optimizer, so the mutation takes effect from the first step after the exploit.
+How PBT moves a checkpoint between two TorchTrainer runs: `nanovlm.sweep.pbt`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import logging
 import math
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from nanovlm.config import ConfigError, TrainConfig, owner_of
 
 if TYPE_CHECKING:  # space.py imports this module
     from nanovlm.sweep.space import SweepSpec
-
-logger = logging.getLogger(__name__)
 
 SEARCHES = ("random", "optuna")
 SCHEDULERS = ("asha", "pbt", "none")
@@ -179,10 +165,9 @@ def _check_pbt(spec: "SweepSpec", train: TrainConfig, where: str) -> None:
             raise ConfigError(f"{where}: checkpoint_interval={train.checkpoint_interval} exceeds scheduler."
                               f"perturbation_interval={sched.perturbation_interval}: PBT copies checkpoints, so a "
                               "trial needs one every interval. Lower checkpoint_interval (a divisor of it is best).")
-    population = spec.num_samples * math.prod(len(d.args) for d in spec.space.values() if d.kind == "grid")
-    if population < 2:
+    if population(spec) < 2:
         raise ConfigError(f"{where}: scheduler pbt needs a population of at least 2 trials (num_samples x grid "
-                          f"values), got {population}.")
+                          f"values), got {population(spec)}.")
 
 
 def _check_keys(data: dict[str, Any], allowed: set[str], where: str) -> None:
@@ -209,76 +194,31 @@ def build_search(spec: "SweepSpec"):
     return BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.max_concurrent_trials)
 
 
+def population(spec: "SweepSpec") -> int:
+    """Trials a random-search sweep runs: `num_samples` x the product of the grid fields' sizes."""
+    return spec.num_samples * math.prod(len(d.args) for d in spec.space.values() if d.kind == "grid")
+
+
 def build_scheduler(spec: "SweepSpec"):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     sched = spec.scheduler
     if sched.type == "asha":
         return ASHAScheduler(time_attr=sched.time_attr, metric=spec.metric, mode=spec.mode, max_t=sched.max_t,
                              grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
     if sched.type == "pbt":
+        from nanovlm.sweep.pbt import ExploitOnlyPBT
+
         # Domains, grid and choice values too: PBT scales a value by 0.8 or 1.2, or resamples it
         # (a plain list would only step between the listed values).
         mutations = {name: (tune.choice(list(spec.space[name].args)) if spec.space[name].kind in ("choice", "grid")
                             else spec.space[name].to_tune()) for name in sched.mutate}
         # require_attrs=False: most reports carry the step's metrics only; PBT acts on those with the metric.
-        return PopulationBasedTraining(
+        return ExploitOnlyPBT(
+            time_share=population(spec) > spec.max_concurrent_trials,
             time_attr=sched.time_attr, metric=spec.metric, mode=spec.mode,
             perturbation_interval=sched.perturbation_interval, hyperparam_mutations=mutations,
             quantile_fraction=sched.quantile_fraction, resample_probability=sched.resample_probability,
             require_attrs=False)
     return FIFOScheduler()
-
-
-def with_pbt_checkpoints(trainable, spec: "SweepSpec"):
-    """The trial function, able to hand PBT its latest Train checkpoint when the sweep uses PBT."""
-    if spec.scheduler.type == "pbt":
-        trainable.__mixins__ = (PBTCheckpointMixin,)
-    return trainable
-
-
-class PBTCheckpointMixin:
-    """Mixed into the trial's FunctionTrainable: `save()` (asked by PBT of a strong trial) returns
-    the latest checkpoint the trial's TorchTrainer reported (TuneReportCallback's `checkpoint_path`),
-    instead of the nothing a function trainable has."""
-
-    _latest_checkpoint: Optional[tuple[str, dict[str, Any]]] = None
-
-    def step(self):
-        result = super().step()
-        path = result.get("checkpoint_path")
-        if isinstance(path, str) and path:
-            self._latest_checkpoint = (path, dict(result))
-        return result
-
-    def save_checkpoint(self, checkpoint_dir: str = ""):
-        from ray.train._internal.session import _TrainingResult
-        from ray.tune import Checkpoint
-
-        if self._latest_checkpoint is None:
-            return super().save_checkpoint(checkpoint_dir)  # none yet: PBT skips this trial as a donor
-        path, metrics = self._latest_checkpoint
-        return _TrainingResult(checkpoint=Checkpoint.from_directory(path), metrics=dict(metrics))
-
-
-def resume_point(trial_id: str) -> tuple[str, Optional[str]]:
-    """(Train run name, checkpoint to start from) of a trial: its own run and none, or, when Tune
-    restarts it from a checkpoint (a PBT exploit), a run named after that checkpoint starting from
-    it. A restored sweep restarts the trial under the same name, and Train then resumes that run's
-    own latest checkpoint."""
-    import ray.tune
-
-    checkpoint = ray.tune.get_checkpoint()
-    if checkpoint is None:
-        return trial_id, None
-    path = Path(checkpoint.path)
-    if not path.exists():
-        # The donor's run kept newer checkpoints since (Train keeps the latest and the best): its newest.
-        newer = sorted(path.parent.glob("step_*"))
-        if not newer:
-            raise FileNotFoundError(f"PBT gave trial {trial_id} the checkpoint {path}, which no longer exists.")
-        logger.warning("PBT checkpoint %s was deleted; trial %s starts from %s instead.", path, trial_id, newer[-1])
-        path = newer[-1]
-    digest = hashlib.sha1(checkpoint.path.encode()).hexdigest()[:8]
-    return f"{trial_id}-pbt-{digest}", str(path)
