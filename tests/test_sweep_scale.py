@@ -1,13 +1,16 @@
 """Sweeps at scale on a private 2-CPU Ray cluster and a real `mlflow server` (SQLite behind it,
-artifacts served by it): two trials writing through the server at once lose no run and no
+artifacts served by it into a bucket of a local S3 server, moto's): two trials writing through the server at once lose no run and no
 step, rank 0 records system metrics, `search: optuna`, `scheduler: pbt` exploiting through a
 checkpoint, the best checkpoints kept, and a benchmark grid measuring its points in parallel.
 
-Starts Ray and an MLflow server: run under `flock /tmp/nanovlm-ray.lock`."""
+Starts Ray, an MLflow server and moto: run under `flock /tmp/nanovlm-ray.lock`."""
 
 import json
 import os
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,23 +57,65 @@ def test_a_trials_best_checkpoint_is_its_best_scored_one_that_still_exists(tmp_p
 
 # ----------------------------------------------------------------------------- a cluster and a server
 
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def s3_bucket():
+    """moto's S3 server on 127.0.0.1 with a bucket `mlflow`: the tracking server's artifact store.
+    The AWS variables point boto3 (the server's S3 client) at it, in this process's environment
+    while the module runs, which the server inherits."""
+    port = _free_port()
+    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    assert moto.poll() is None and time.monotonic() < deadline, "moto's S3 server did not start"
+                    time.sleep(0.2)
+            import boto3
+
+            boto3.client("s3").create_bucket(Bucket="mlflow")
+            yield "mlflow"
+        finally:
+            moto.terminate()
+            moto.wait(timeout=10)
+
+
+def _s3_keys(bucket):
+    import boto3
+
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3_bucket):
     import ray
 
     from nanovlm.distributed.cluster import start_local_ray
 
     root = tmp_path_factory.mktemp("scale")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     db = root / "server" / "mlflow.db"
     tracking.check_tracking_store(f"sqlite:///{db}")  # tables first: the server starts faster
-    server = MlflowServer(f"sqlite:///{db}", port)
+    server = MlflowServer(f"sqlite:///{db}", _free_port(), artifacts=f"s3://{s3_bucket}/artifacts")
     server.start()
     start_local_ray(num_cpus=2, temp_dir=str(root / "ray"))
     try:
-        yield {"root": root, "uri": server.address, "artifacts": db.parent / tracking.ARTIFACTS_DIRNAME}
+        yield {"root": root, "uri": server.address, "bucket": s3_bucket}
     finally:
         ray.shutdown()
         os.environ.pop("RAY_API_SERVER_ADDRESS", None)
@@ -104,10 +149,13 @@ def test_two_trials_writing_through_the_server_at_once_lose_no_step(cluster, opt
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_loss")) == [2, 4]
     first, second = (r.info for r in children)
     assert first.start_time < second.end_time and second.start_time < first.end_time  # open at the same time
-    for run in children:  # artifacts went through the server into its destination
+    for run in children:  # artifacts went through the server (mlflow-artifacts:) into its bucket
         assert {"checkpoint", "summary.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
         assert client.get_experiment(run.info.experiment_id).artifact_location.startswith("mlflow-artifacts:")
-    assert len(list(cluster["artifacts"].glob("**/summary.json"))) == 2
+    keys = _s3_keys(cluster["bucket"])
+    for run in children:
+        assert any(k.startswith("artifacts/") and run.info.run_id in k and k.endswith("summary.json") for k in keys)
+        assert any(run.info.run_id in k and "/checkpoint/" in k and k.endswith(".safetensors") for k in keys)
 
 
 @pytest.mark.slow

@@ -121,7 +121,8 @@ def run_trial(config: dict[str, Any], *, spec: SweepSpec, sweep_dir: str, parent
         return
     train_cfg = train_cfg.replace(output_dir=str(Path(sweep_dir) / "trials" / trial_id),
                                   storage_path=str(Path(sweep_dir) / "train"))
-    train_run, start_from = resume_point(trial_id, Path(train_cfg.output_dir))  # a PBT exploit restarts the trial from another's checkpoint
+    # A PBT exploit restarts the trial from another trial's checkpoint.
+    train_run, start_from = resume_point(trial_id, Path(train_cfg.output_dir))
     run_id = _find_child_run(tracking_uri, parent_run_id, trial_id)
     tracking_spec = {"uri": tracking_uri, "experiment_name": train_cfg.experiment_name, "run_id": run_id,
                      "parent_run_id": parent_run_id, "run_name": trial_id,
