@@ -265,6 +265,8 @@ def test_a_benchmark_grid_measures_its_points_in_parallel(cluster, tmp_path):
         "resources": {"cpu": 1}, "max_concurrent": 2})
     run = run_grid(grid, tmp_path, tracking=False)
     assert [r["status"] for r in run.rows] == ["ok", "ok"]
-    spans = [json.loads(p.read_text()) for p in sorted((tmp_path / "cache").glob("*.json"))]
-    assert len(spans) == 2
-    assert max(s["started"] for s in spans) < min(s["finished"] for s in spans)  # measured at the same time
+    trials = [json.loads(p.read_text())["trial"] for p in sorted((tmp_path / "cache").glob("*.json"))]
+    assert len({t["trial_id"] for t in trials}) == 2  # one Tune trial per point...
+    assert all(t["resources"] == {"CPU": 1.0} for t in trials)  # ...with the grid's resources each
+    assert all(r["torch_threads"] == 1 for r in run.rows)  # and as many torch threads as its CPUs
+    assert max(t["started"] for t in trials) < min(t["finished"] for t in trials)  # measured at the same time

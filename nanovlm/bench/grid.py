@@ -253,11 +253,14 @@ def _tune_trainable(trial_config: dict[str, Any]) -> None:
     point = trial_config["point"]
     start = time.time()
     metrics = {**measure_point(point["config"], point["measure"]), "measure_wall_s": time.time() - start}
+    context = tune.get_context()
+    trial = {"trial_id": context.get_trial_id(), "started": start, "finished": time.time(),
+             "resources": context.get_trial_resources().required_resources}
     # Written here as well as by the driver (if this node cannot reach the driver's directory), so an
-    # interrupted grid keeps its finished points; with the span of the measurement.
+    # interrupted grid keeps its finished points; with the trial that measured it.
     try:
         _write_cache(Path(point["out"]), point["key"], point["labels"], point["config"], point["measure"], metrics,
-                     span=(start, time.time()))
+                     trial=trial)
     except OSError:
         pass
     tune.report({**metrics, "key": point["key"]})
@@ -284,12 +287,13 @@ def _cache_path(out: Path, key: str) -> Path:
 
 
 def _write_cache(out: Path, key: str, labels: dict, config: dict, measure: dict, metrics: dict,
-                 span: tuple[float, float] | None = None) -> None:
-    """span: (start, end) of the measurement in Unix seconds, where known."""
+                 trial: dict[str, Any] | None = None) -> None:
+    """trial: the Tune trial that measured the point, where known: trial_id, resources, and the
+    measurement's start and end (Unix seconds)."""
     entry = {"labels": labels, "config": config, "measure": measure, "metrics": metrics,
              "host": platform.node(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if span is not None:
-        entry["started"], entry["finished"] = span
+    if trial is not None:
+        entry["trial"] = trial
     path = _cache_path(out, key)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
