@@ -133,7 +133,11 @@ def _children(uri, outcome):
 def optuna_sweep(cluster):
     from nanovlm.sweep.runner import run_sweep
 
-    spec = _spec("scale-optuna", search={"type": "optuna", "startup_trials": 1}, num_samples=2,
+    # mode max on val_loss, which falls as the model learns: the best checkpoint is the first one,
+    # not the latest, and Train (keeping 1 by the metric, and the latest) deletes the one between.
+    spec = _spec("scale-optuna", search={"type": "optuna", "startup_trials": 1}, num_samples=2, mode="max",
+                 overrides={**FIXED, "experiment_name": "scale-optuna", "max_training_steps": 6,
+                            "checkpoints_to_keep": 1},
                  space={"lr_mp": {"loguniform": [1.0e-4, 1.0e-2]}, "mp_pixel_shuffle_factor": {"choice": [1, 2]}})
     return run_sweep(spec, storage_path=cluster["root"] / "sweeps", tracking_uri=cluster["uri"])
 
@@ -145,8 +149,8 @@ def test_two_trials_writing_through_the_server_at_once_lose_no_step(cluster, opt
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
     for run in children:
         loss = client.get_metric_history(run.info.run_id, "loss")
-        assert sorted(m.step for m in loss) == [1, 2, 3, 4]  # every step, once
-        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_loss")) == [2, 4]
+        assert sorted(m.step for m in loss) == [1, 2, 3, 4, 5, 6]  # every step, once
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_loss")) == [2, 4, 6]
     first, second = (r.info for r in children)
     assert first.start_time < second.end_time and second.start_time < first.end_time  # open at the same time
     for run in children:  # artifacts went through the server (mlflow-artifacts:) into its bucket
@@ -185,14 +189,20 @@ def test_the_best_checkpoint_of_each_trial_is_kept_and_the_sweeps_best_is_writte
     data = json.loads(optuna_sweep.files["best_checkpoint.json"].read_text())
     assert set(data["trials"]) == {r.trial_id for r in optuna_sweep.records}
     for record in optuna_sweep.records:
+        reported = {h["step"]: h for h in record.history if "checkpoint_path" in h}
+        assert sorted(reported) == [2, 4, 6]
+        best_step = max(reported, key=lambda step: reported[step]["val_loss"])  # mode max
+        assert best_step < 6  # val_loss fell: the best is not the latest
         chosen = data["trials"][record.trial_id]
-        scored = [h for h in record.history if "checkpoint_path" in h and "val_loss" in h]
-        assert chosen["val_loss"] == min(h["val_loss"] for h in scored)
-        assert Path(chosen["path"], TRAIN_STATE_FILE).exists()
+        assert chosen["step"] == best_step and chosen["path"] == reported[best_step]["checkpoint_path"]
+        kept = {step for step, h in reported.items() if Path(h["checkpoint_path"], TRAIN_STATE_FILE).exists()}
+        assert kept == {best_step, 6}  # the best by the metric and the latest; the other one deleted
     best = data["best"]
     assert best["trial_id"] == optuna_sweep.best.trial_id
-    assert Path(best["copy"], TRAIN_STATE_FILE).exists() and Path(best["copy"]).parent == optuna_sweep.files[
-        "results.csv"].parent
+    assert optuna_sweep.best.final("val_loss") == max(r.final("val_loss") for r in optuna_sweep.records)
+    copy = Path(best["copy"])
+    assert copy.parent == optuna_sweep.files["results.csv"].parent
+    assert (copy / "model.safetensors").read_bytes() == (Path(best["path"]) / "model.safetensors").read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -235,8 +245,10 @@ def test_pbt_restarts_a_weak_trial_from_a_strong_trials_checkpoint_with_a_mutate
     start_step = int(start.name.split("_")[1])
     assert start_step >= int(Path(last["from_checkpoint"]).name.split("_")[1])
     assert summary["steps"] == 20 and summary["steps_this_run"] == 20 - start_step
-    weak_steps = {h["step"]: h for r in pbt_sweep.records if r.trial_id == weak for h in r.history if "step" in h}
-    assert min(weak_steps) == start_step + 1
+    history = [h for r in pbt_sweep.records if r.trial_id == weak for h in r.history if "step" in h]
+    restart = max(i for i, h in enumerate(history) if h["step"] == start_step + 1)  # Tune may keep earlier reports
+    weak_steps = {h["step"]: h for h in history[restart:]}
+    assert sorted(weak_steps) == list(range(start_step + 1, 21))
 
     # The restored optimizer runs at the mutated rate: at every step, the strong trial's schedule
     # scaled by the new rate / 3e-3.

@@ -182,7 +182,7 @@ def write_best_checkpoint(records: list[TrialRecord], best: TrialRecord | None, 
                           out: Path) -> Path:
     """`best_checkpoint.json`: each trial's best checkpoint by the sweep's metric, and the best
     trial's one, copied to `out/best_checkpoint/` (a training checkpoint: `nanovlm train
-    --resume-from`, `nanovlm generate --checkpoint`) when it is on this machine's filesystem."""
+    --resume`, `nanovlm generate --checkpoint`) when it is on this machine's filesystem."""
     trials = {r.trial_id: r.best_checkpoint(spec.metric, spec.mode) for r in records}
     data: dict[str, Any] = {"metric": spec.metric, "mode": spec.mode, "best": None,
                             "trials": {k: v for k, v in trials.items() if v is not None}}
