@@ -3,7 +3,7 @@
     Tune controller (this process)                    Trial actor (driver_cpus)         Train workers
     ─ SweepTracker callback: creates the child ──►    run_trial(config): builds the ──► train_worker:
       run per trial, tags its status at the end       configs; invalid -> report &      logs metrics by
-    ─ ASHA (or FIFO) decides from the reports         return; else TorchTrainer.fit()   step into the
+    ─ ASHA, PBT or FIFO decide from the reports       return; else TorchTrainer.fit()   step into the
                                                       with TuneReportCallback           child run
 
 Files in the sweep directory `<storage>/<name>-<timestamp>/`: `nanovlm_sweep.json` (the
