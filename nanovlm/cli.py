@@ -25,6 +25,8 @@ from nanovlm.config import ConfigError
 SUBCOMMANDS = {
     "train": "train a model, tracked in MLflow (one process, or Ray Train with --num-workers N or --gpu)",
     "generate": "answer a prompt about an image with a checkpoint",
+    "export": "write a checkpoint for other tools: transformers (Idefics3) or a self-contained nanovlm directory",
+    "push": "upload a checkpoint (or its transformers export) to the Hugging Face Hub",
     "config": "print a preset's full config, with overrides applied",
     "validate": "check a config and print parameter counts and FLOPs without building weights",
     "sweep": "run a Ray Tune sweep described by a YAML file",

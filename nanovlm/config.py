@@ -302,8 +302,10 @@ class TrainConfig(_Serialised):
     device: str = "auto"                  # "auto", "cpu", "cuda"
 
     # --- data ---
-    train_dataset_path: str = "shapes"    # "shapes", a local dir (imagefolder/parquet/save_to_disk) or a Hub id
-    train_dataset_name: str = "all"       # Hub config / subset names, comma separated
+    train_dataset_path: str = "shapes"    # "shapes", local files/dirs or Hub ids; several, comma separated, mix (docs/data.md)
+    train_dataset_name: str = "all"       # Hub config / subset names, comma separated (one entry's own: "repo[a,b]")
+    train_dataset_weights: Optional[str] = None  # mixture weights, one per train_dataset_path entry; None: by rows
+    stream_dataset: Optional[bool] = None # read each worker's rows as batches need them; None: auto (docs/data.md)
     val_ratio: float = 0.025              # for datasets without a validation split
     data_cutoff_idx: Optional[int] = None # use only the first N training rows
     shapes_max_objects: int = 1
@@ -312,6 +314,11 @@ class TrainConfig(_Serialised):
     shapes_eval_size: int = 512
     shapes_seed: int = 1234
     max_images_per_example: int = 4       # rows with more images are skipped (and counted)
+    # FineVision's per-turn ratings (1..5), nanoVLM's filters: a turn rated lower is dropped (1 keeps all)
+    relevance_min_rating: int = 1
+    image_correspondence_min_rating: int = 1
+    visual_dependency_min_rating: int = 1
+    formatting_min_rating: int = 1
     tokenizer_path: Optional[str] = None  # overrides VLMConfig.lm_tokenizer (e.g. a locally trained one)
     dataloader_workers: int = 0
 
@@ -335,11 +342,13 @@ class TrainConfig(_Serialised):
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    worker_resources: str = ""            # custom Ray resources per worker, "name=amount,...", e.g. "node_slot=1"
     report_interval: int = 10             # steps between metric reports to Ray (one is skipped while one waits)
     checkpoints_to_keep: int = 2
     max_failures: int = 0
     storage_path: Optional[str] = None    # Ray Train storage; default under ~/.nanovlm/ray_results
     experiment_name: str = "nanovlm"      # MLflow experiment
+    register_model: Optional[str] = None  # MLflow registry name for the run's final model (a sweep: its best trial's)
 
     def validate(self) -> "TrainConfig":
         _check_types(self)
@@ -359,6 +368,10 @@ class TrainConfig(_Serialised):
                 errors.append(f"{name}={getattr(self, name)} must be in [0, 1].")
         if self.cpus_per_worker <= 0:
             errors.append(f"cpus_per_worker={self.cpus_per_worker} must be positive.")
+        try:
+            self.custom_worker_resources()
+        except ValueError as exc:
+            errors.append(str(exc))
         if self.dtype not in ("auto", "float32", "bfloat16"):
             errors.append(f"dtype={self.dtype!r} must be one of 'auto', 'float32', 'bfloat16'.")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -371,11 +384,93 @@ class TrainConfig(_Serialised):
             errors.append(f"peak_flops={self.peak_flops} must be positive (or None to measure it).")
         if self.system_metrics_interval < 0:
             errors.append(f"system_metrics_interval={self.system_metrics_interval} must be >= 0 (0 turns it off).")
+        errors += _dataset_errors(self)
         if self.lr_mp == self.lr_vision_backbone == self.lr_language_backbone == 0:
             errors.append("lr_mp, lr_vision_backbone and lr_language_backbone are all 0: nothing would train.")
         if errors:
             raise ConfigError("Invalid TrainConfig:\n  " + "\n  ".join(errors))
         return self
+
+    def custom_worker_resources(self) -> dict[str, float]:
+        """`worker_resources` "node_slot=1,fast_disk=0.5" -> {"node_slot": 1.0, "fast_disk": 0.5}: what each
+        Ray Train worker needs besides its CPUs and GPU (`ray start --resources` gives nodes such resources)."""
+        resources: dict[str, float] = {}
+        for item in filter(None, (part.strip() for part in self.worker_resources.split(","))):
+            name, _, amount = item.partition("=")
+            try:
+                value = float(amount)
+            except ValueError:
+                value = -1.0
+            if not name.strip() or value <= 0 or name.strip() in ("CPU", "GPU", "memory"):
+                raise ValueError(f"worker_resources={self.worker_resources!r}: {item!r} is not NAME=AMOUNT with a "
+                                 "positive amount and a custom name (CPUs and GPUs have cpus_per_worker and use_gpu), "
+                                 "e.g. worker_resources=node_slot=1.")
+            resources[name.strip()] = value
+        return resources
+
+
+class DatasetEntry(typing.NamedTuple):
+    """One dataset of `train_dataset_path`: its path or Hub id, its own Hub subsets ("repo[a,b]";
+    None: `train_dataset_name`'s) and its weight in the mixture (None: by its rows)."""
+    path: str
+    subsets: Optional[tuple[str, ...]]
+    weight: Optional[float]
+
+
+def dataset_entries(path: str, weights: Optional[str] = None) -> list[DatasetEntry]:
+    """`train_dataset_path` and `train_dataset_weights` as entries: "a.parquet,org/repo[x,y]" and
+    "0.7,0.3". `ConfigError` naming the field and the problem."""
+    parts, depth, current = [], 0, ""
+    for char in path:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth < 0 or depth > 1:
+            raise ConfigError(f"train_dataset_path={path!r}: unbalanced brackets; write an entry's subsets as repo[a,b].")
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    if depth:
+        raise ConfigError(f"train_dataset_path={path!r}: unbalanced brackets; write an entry's subsets as repo[a,b].")
+    entries = []
+    for part in (p.strip() for p in parts + [current]):
+        subsets = None
+        if part.endswith("]"):
+            part, _, inner = part[:-1].partition("[")
+            subsets = tuple(s.strip() for s in inner.split(",") if s.strip()) or None
+            part = part.strip()
+        if not part:
+            raise ConfigError(f"train_dataset_path={path!r} has an empty entry; separate datasets by single commas.")
+        entries.append((part, subsets))
+    values: list[Optional[float]] = [None] * len(entries)
+    if weights is not None:
+        try:
+            values = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise ConfigError(f"train_dataset_weights={weights!r} must be numbers separated by commas.") from None
+        if len(values) != len(entries) or not all(0 < w < float("inf") for w in values):
+            raise ConfigError(f"train_dataset_weights={weights!r} must hold one positive weight per entry of "
+                              f"train_dataset_path ({len(entries)}: {[p for p, _ in entries]}).")
+    return [DatasetEntry(p, s, w) for (p, s), w in zip(entries, values)]
+
+
+def _dataset_errors(train: "TrainConfig") -> list[str]:
+    errors = []
+    try:
+        entries = dataset_entries(train.train_dataset_path, train.train_dataset_weights)
+    except ConfigError as exc:
+        return [str(exc)]
+    if "shapes" in [e.path for e in entries] and len(entries) > 1:
+        errors.append(f"train_dataset_path={train.train_dataset_path!r}: 'shapes' is generated in memory and "
+                      "cannot be part of a mixture; mix files or Hub datasets.")
+    if entries[0].path == "shapes" and train.stream_dataset:
+        errors.append("stream_dataset=True needs files or a Hub dataset; 'shapes' is generated in memory (use "
+                      "stream_dataset=None or False).")
+    for name in ("relevance", "image_correspondence", "visual_dependency", "formatting"):
+        value = getattr(train, f"{name}_min_rating")
+        if not 0 <= value <= 5:
+            errors.append(f"{name}_min_rating={value} must be in [0, 5] (FineVision rates 1 to 5; 1 keeps every turn).")
+    return errors
 
 
 # ==================================================================== presets

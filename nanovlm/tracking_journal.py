@@ -4,12 +4,13 @@ on disk, sent to MLflow by a background thread.
     training thread (rank 0)                         background thread "nanovlm-mlflow"
     log_metrics(step) ─ one write() ─► metrics.jsonl ─► log_batch (<= 1000 values each), retried
                                                          with backoff while the store is down
-    set_tags, log_artifact(s), close(status) ─► run.json ─► tags, artifacts, then set_terminated
+    set_tags, log_artifact(s), log_model, close(status) ─► run.json ─► tags, artifacts, models, then set_terminated
 
 Files, in `output_dir/mlflow_journal/<run_id>/`:
 
     run.json       {"run_id", "tracking_uri", "tags": {key: value}, "artifacts": [[local path,
-                    artifact path or null], ...], "status": null | "FINISHED" | "FAILED" | "KILLED",
+                    artifact path or null], ...], "models": [[checkpoint dir, registry name or null], ...]
+                    (MLflow models, nanovlm.export.mlflow_model), "status": null | "FINISHED" | "FAILED" | "KILLED",
                     "status_sent": bool,
                     "last_steps": {key: step}}            (requests not yet carried out, and history)
     metrics.jsonl  {"step": 12, "timestamp": <ms>, "metrics": {"loss": 2.31, ...}}, one line per log call
@@ -35,9 +36,15 @@ nothing and costs the step nothing. `close` waits for the thread up to a deadlin
 `nanovlm tracking sync DIR` (`sync`) sends it later. The journal itself stays after the run,
 compacted to `last_steps` once MLflow has everything: a later resume reads it to log no step twice.
 
-Limit: the journal lives in `output_dir` on rank 0's node. A rank 0 that Ray restarts on another
-node without a shared output_dir starts an empty journal there and may log again the steps its
-predecessor logged after the last checkpoint.
+Across nodes: the journal lives in `output_dir` on rank 0's node. A rank 0 that Ray restarts on
+another node (output_dir not shared) starts an empty journal there, so the re-log rule above
+cannot see its predecessor's steps; MLflow can. Before a process sends anything, its sender
+reads the last step MLflow holds for each metric of the run (`store_floor`), and never sends a
+value at or before it: the steps the predecessor sent are not logged again (values are sent in
+step order, so MLflow holds every step up to that one). What the predecessor journalled but had
+not sent yet travels in each training checkpoint (`save_unsent`, `UNSENT_FILE`): the successor
+resumes from a checkpoint, journals those steps (`adopt`) and sends the ones MLflow lacks; the
+steps after the checkpoint it computes, and logs, again.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ from nanovlm import tracking
 logger = logging.getLogger(__name__)
 
 JOURNAL_DIRNAME = "mlflow_journal"
+UNSENT_FILE = "mlflow_unsent.jsonl"   # in a training checkpoint: the journal's lines MLflow may lack
 DEADLINE_ENV = "NANOVLM_TRACKING_DEADLINE_S"
 DEFAULT_DEADLINE_S = 30.0
 BATCH_METRICS = 1000          # MLflow's limit of metric values per log_batch
@@ -102,6 +110,7 @@ class RunJournal:
                    "status_sent": False, "last_steps": {}}
         self.run = run
         run.setdefault("tags", {})
+        run.setdefault("models", [])
         self.run_id: str = run["run_id"]
         self.uri: str = run["tracking_uri"]
         self.sent = int((_read_json(self.dir / "sent.json") or {}).get("offset", 0))
@@ -115,9 +124,10 @@ class RunJournal:
         self._save_run()
 
     # ---- metrics
-    def append(self, step: int, values: dict[str, float]) -> None:
+    def append(self, step: int, values: dict[str, float], timestamp: Optional[int] = None) -> None:
         """One line, one write(): on disk (in the page cache) when this returns."""
-        line = json.dumps({"step": step, "timestamp": int(time.time() * 1000), "metrics": values})
+        stamp = int(time.time() * 1000) if timestamp is None else timestamp
+        line = json.dumps({"step": step, "timestamp": stamp, "metrics": values})
         os.write(self._fd, (line + "\n").encode())
         for key in values:
             self.last_steps[key] = step
@@ -134,6 +144,12 @@ class RunJournal:
         with self._mutex:
             start = self.sent
         return self._entries(start, BATCH_METRICS)
+
+    def all_unsent(self) -> list[dict[str, Any]]:
+        """Every complete line after what MLflow has."""
+        with self._mutex:
+            start = self.sent
+        return self._entries(start, None)[0]
 
     def mark_sent(self, offset: int) -> None:
         with self._mutex:
@@ -177,6 +193,22 @@ class RunJournal:
             self.run["artifacts"].remove([local_path, artifact_path])
             self._save_run()
 
+    def add_model(self, checkpoint: str | Path, registered_model_name: Optional[str]) -> None:
+        with self._mutex:
+            self.run["models"].append([str(Path(checkpoint).resolve()), registered_model_name])
+            self._save_run()
+
+    def models(self) -> list[tuple[str, Optional[str]]]:
+        with self._mutex:
+            return [tuple(m) for m in self.run["models"]]
+
+    def model_sent(self, checkpoint: str, registered_model_name: Optional[str]) -> None:
+        with self._mutex:
+            if self._closed:
+                return
+            self.run["models"].remove([checkpoint, registered_model_name])
+            self._save_run()
+
     def request_status(self, status: Optional[str]) -> None:
         """The run's end status to send once everything else is in (None: the run goes on)."""
         with self._mutex:
@@ -199,7 +231,7 @@ class RunJournal:
         """Whether MLflow lacks anything this journal holds."""
         with self._mutex:
             return (self.sent < os.fstat(self._fd).st_size or bool(self.run["tags"]) or bool(self.run["artifacts"])
-                    or (self.run["status"] is not None and not self.run["status_sent"]))
+                    or bool(self.run["models"]) or (self.run["status"] is not None and not self.run["status_sent"]))
 
     def describe_pending(self) -> str:
         """What MLflow lacks, in words: "412 metric values (steps 31-60), 2 artifacts, the end status FINISHED"."""
@@ -212,6 +244,8 @@ class RunJournal:
             parts.append(f"{len(self.run['tags'])} tags")
         if self.run["artifacts"]:
             parts.append(f"{len(self.run['artifacts'])} artifacts")
+        if self.run["models"]:
+            parts.append(f"{len(self.run['models'])} MLflow model(s)")
         if self.unsent_status():
             parts.append(f"the end status {self.run['status']}")
         return ", ".join(parts) or "nothing"
@@ -317,17 +351,32 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 # ==================================================================== sending
 
-def send_pending(journal: RunJournal, client, should_stop: Callable[[], bool] = lambda: False) -> None:
-    """Send what MLflow lacks: the metrics in batches, the tags, the artifacts, then the end
-    status. Raises the store's first error; what went through is marked, so calling again continues."""
+def store_floor(client, run_id: str) -> dict[str, int]:
+    """{metric key: the last step MLflow holds for it} of a run (one request: the run's latest metrics)."""
+    run = client.get_run(run_id)
+    return {metric.key: int(metric.step) for metric in getattr(run.data, "_metric_objs", [])}
+
+
+def send_pending(journal: RunJournal, client, should_stop: Callable[[], bool] = lambda: False,
+                 uri: Optional[str] = None, floor: Optional[dict[str, int]] = None) -> int:
+    """Send what MLflow lacks: the metrics in batches, the tags, the artifacts, the models, then the
+    end status (to `uri`, default the journal's store, which `client` is for). Raises the store's
+    first error; what went through is marked, so calling again continues. `floor` ({key: step}):
+    values at or before these steps are not sent (MLflow has those steps from an earlier process).
+    Returns how many values that left out."""
     from mlflow.entities import Metric, RunTag
 
+    floor = floor or {}
+    left_out = 0
     while not should_stop():
         entries, end = journal.unsent()
         if not entries:
             break
         metrics = [Metric(key, value, entry["timestamp"], entry["step"])
                    for entry in entries for key, value in entry["metrics"].items()]
+        kept = [m for m in metrics if m.step > floor.get(m.key, -1)]
+        left_out += len(metrics) - len(kept)
+        metrics = kept
         for i in range(0, len(metrics), BATCH_METRICS):
             client.log_batch(journal.run_id, metrics=metrics[i:i + BATCH_METRICS])
         journal.mark_sent(end)
@@ -337,7 +386,7 @@ def send_pending(journal: RunJournal, client, should_stop: Callable[[], bool] = 
         journal.tags_sent(tags)
     for local_path, artifact_path in journal.artifacts():
         if should_stop():
-            return
+            return left_out
         path = Path(local_path)
         if path.is_dir():
             client.log_artifacts(journal.run_id, local_path, artifact_path)
@@ -346,10 +395,21 @@ def send_pending(journal: RunJournal, client, should_stop: Callable[[], bool] = 
         else:
             logger.warning("Artifact %s of MLflow run %s no longer exists; not uploaded.", local_path, journal.run_id)
         journal.artifact_sent(local_path, artifact_path)
+    for checkpoint, registered_model_name in journal.models():
+        if should_stop():
+            return left_out
+        if Path(checkpoint).is_dir():
+            from nanovlm.export.mlflow_model import log_model
+            log_model(journal.run_id, uri or journal.uri, checkpoint, registered_model_name)
+        else:
+            logger.warning("Checkpoint %s of MLflow run %s no longer exists; its model is not logged.", checkpoint,
+                           journal.run_id)
+        journal.model_sent(checkpoint, registered_model_name)
     status = journal.unsent_status()
     if status is not None and not should_stop():
         client.set_terminated(journal.run_id, status)
         journal.status_sent()
+    return left_out
 
 
 class JournaledRun:
@@ -369,6 +429,7 @@ class JournaledRun:
         self.journal.request_status(None)  # running (again)
         self.failures = 0      # failed tries to reach the store
         self.skipped = 0       # values of steps an earlier attempt logged
+        self.left_out = 0      # values the sender did not send: MLflow had their steps (store_floor)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._sent = threading.Condition()
@@ -397,10 +458,36 @@ class JournaledRun:
     def log_artifact(self, local_path: str | Path, artifact_path: Optional[str] = None) -> None:
         self.log_artifacts(local_path, artifact_path)
 
+    def log_model(self, checkpoint: str | Path, registered_model_name: Optional[str] = None) -> None:
+        """The model in `checkpoint` as an MLflow model of this run (nanovlm.export.mlflow_model)."""
+        self.journal.add_model(checkpoint, registered_model_name)
+        self._wake.set()
+
     def checkpoint(self) -> None:
         """At a training checkpoint: the journal to stable storage, and a send."""
         self.journal.fsync()
         self._wake.set()
+
+    def save_unsent(self, checkpoint_dir: str | Path) -> None:
+        """Into a training checkpoint: the steps MLflow may not have yet (`UNSENT_FILE`). The journal
+        stays on this node; a successor on another node resumes from the checkpoint and `adopt`s them."""
+        lines = "".join(json.dumps(entry) + "\n" for entry in self.journal.all_unsent())
+        Path(checkpoint_dir, UNSENT_FILE).write_text(lines)
+
+    def adopt(self, checkpoint_dir: str | Path) -> int:
+        """Journal the steps a checkpoint carries (`save_unsent`) that this journal lacks, with their
+        own timestamps; the sender leaves out those MLflow has. Returns how many values were added."""
+        path = Path(checkpoint_dir, UNSENT_FILE)
+        added = 0
+        for line in path.read_text().splitlines() if path.exists() else []:
+            entry = json.loads(line)
+            new = {k: v for k, v in entry["metrics"].items() if not self.journal.logged(k, entry["step"])}
+            if new:
+                self.journal.append(entry["step"], new, entry["timestamp"])
+                added += len(new)
+        if added:
+            self._wake.set()
+        return added
 
     def close(self, status: Optional[str], deadline: Optional[float] = None) -> Optional[Path]:
         """End this process's logging: ask for `status` (None: another process ends the run)
@@ -418,9 +505,9 @@ class JournaledRun:
         if complete:
             self._thread.join(timeout=5)
             self.journal.compact()
-        if self.skipped:
+        if self.skipped or self.left_out:
             logger.info("MLflow run %s: %d values of steps logged before a restart were not logged again.",
-                        self.run_id, self.skipped)
+                        self.run_id, self.skipped + self.left_out)
         description = self.journal.describe_pending()
         self.journal.close()
         if complete:
@@ -432,14 +519,16 @@ class JournaledRun:
         return self.journal.dir
 
     def _send_loop(self) -> None:
-        client = None
+        client, floor = None, None
         backoff, down_since = 0.5, None
         while not self._stopping.is_set():
             self._wake.wait(SEND_PERIOD_S)
             self._wake.clear()
             try:
                 client = client or tracking._client(self.uri)
-                send_pending(self.journal, client, should_stop=self._stopping.is_set)
+                # what MLflow held before this process sent anything (see "Across nodes")
+                floor = store_floor(client, self.run_id) if floor is None else floor
+                self.left_out += send_pending(self.journal, client, should_stop=self._stopping.is_set, floor=floor)
             except Exception as exc:  # noqa: BLE001 - kept in the journal, tried again
                 self.failures += 1
                 if down_since is None:
@@ -530,7 +619,7 @@ def _sync_one(directory: Path, uri: Optional[str], wait_s: float = 0.0) -> SyncR
                 journal.request_status("FAILED")  # its process died without ending it
                 what = journal.describe_pending() + " (its process ended without ending the run)"
             status = journal.unsent_status()
-            send_pending(journal, client)
+            send_pending(journal, client, uri=store)
         except Exception as exc:  # noqa: BLE001 - reported per journal; it stays for the next try
             return SyncResult(directory, journal.run_id, what, None,
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")

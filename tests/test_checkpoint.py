@@ -116,25 +116,26 @@ def _header(data: bytes) -> dict:
 
 
 def test_push_to_hub_uploads_config_weights_and_a_model_card(monkeypatch, tmp_path):
-    import huggingface_hub
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi
 
     uploaded = {}
 
-    class Repo:
-        repo_id = "someone/tiny-vlm"
-
-    def fake_upload(repo_id, repo_type, folder_path, commit_message):
+    def upload_folder(self, *, repo_id, repo_type, folder_path, commit_message):
         uploaded.update(repo_id=repo_id, repo_type=repo_type,
-                        files={p.name: p.read_bytes() for p in __import__("pathlib").Path(folder_path).iterdir()})
+                        files={p.name: p.read_bytes() for p in Path(folder_path).iterdir()})
 
-    monkeypatch.setattr(huggingface_hub, "create_repo", lambda **kwargs: Repo())
-    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload)
+    monkeypatch.setattr(HfApi, "create_repo",
+                        lambda self, repo_id, **kwargs: SimpleNamespace(repo_id=f"someone/{repo_id}"))
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     model = _model()
     assert model.push_to_hub("tiny-vlm") == "someone/tiny-vlm"
-    assert uploaded["repo_type"] == "model"
-    assert set(uploaded["files"]) == {"config.json", "model.safetensors", "README.md"}
+    assert (uploaded["repo_id"], uploaded["repo_type"]) == ("someone/tiny-vlm", "model")
+    assert {"config.json", "model.safetensors", "README.md", "image_processor.json"} <= set(uploaded["files"])
     card = uploaded["files"]["README.md"].decode()
-    assert "someone/tiny-vlm" in card and "from_pretrained" in card
+    assert "nanovlm generate --checkpoint" in card and json.dumps(model.cfg.to_dict(), indent=2) in card
     assert json.loads(uploaded["files"]["config.json"]) == model.cfg.to_dict()
 
 

@@ -221,8 +221,8 @@ def test_parquet_image_paths_are_read_relative_to_the_file_or_as_absolute(tmp_pa
     tokenizer = get_tokenizer(vlm.lm_tokenizer, vlm.vlm_extra_tokens, vlm.lm_chat_template)
     for source in (tmp_path / "rows.parquet", tmp_path):   # the file, or its directory (images beside it)
         ds = build_datasets(vlm, train.replace(train_dataset_path=str(source), val_ratio=0.0), tokenizer).train
-        assert len(ds) == 3 and ds.skipped["unreadable_image"] == 1
-        assert f"{tmp_path / 'images' / 'missing.png'}" in ds.skip_details["unreadable_image"]
+        assert len(ds) == 3 and ds.skipped["missing_image"] == 1
+        assert f"{tmp_path / 'images' / 'missing.png'}" in ds.skip_details["missing_image"]
         processor = image_processor_for(vlm)
         by_answer = {ds[k]["answer"]: ds[k]["images"] for k in range(len(ds))}
         for i, colour in enumerate(colours):

@@ -62,3 +62,17 @@ def test_mlflow_listens_on_the_heads_loopback_and_workers_reach_it_through_ssh(c
     assert "-L 127.0.0.1:5000:127.0.0.1:5000" in workers
     assert "MLFLOW_TRACKING_URI=http://127.0.0.1:5000 ray start" in workers
     assert 'restrict,port-forwarding,permitopen=\\"127.0.0.1:5000\\"' in " ".join(config["head_setup_commands"])
+
+
+# GPUs and vCPUs of the instance types, from AWS's EC2 instance-type pages (accelerated computing: G5, P4).
+EC2_GPUS_VCPUS = {"g5.xlarge": (1, 4), "g5.12xlarge": (4, 48), "p4d.24xlarge": (8, 96)}
+
+
+def test_multi_gpu_node_types_declare_the_gpus_and_cpus_their_instances_have(config):
+    gpu_types = {name: t for name, t in config["available_node_types"].items()
+                 if t.get("resources", {}).get("GPU", 0) >= 1}
+    assert max(t["resources"]["GPU"] for t in gpu_types.values()) >= 4, "no multi-GPU node type"
+    for name, node_type in gpu_types.items():
+        gpus, vcpus = EC2_GPUS_VCPUS[node_type["node_config"]["InstanceType"]]
+        assert node_type["resources"]["GPU"] == gpus, name
+        assert node_type["resources"]["CPU"] == vcpus, name

@@ -139,6 +139,18 @@ def test_train_all_learning_rates_zero_is_rejected(train):
         assert name in message
 
 
+
+def test_worker_resources_parse_into_ray_custom_resources(train):
+    assert train.replace(worker_resources="").custom_worker_resources() == {}
+    assert train.replace(worker_resources="slot=1, fast_disk=0.5").custom_worker_resources() == {
+        "slot": 1.0, "fast_disk": 0.5}
+
+
+@pytest.mark.parametrize("value", ["slot", "slot=0", "slot=x", "=1", "GPU=1", "CPU=2"])
+def test_worker_resources_name_the_item_that_is_not_a_custom_resource(train, value):
+    message = _error(train.replace(worker_resources=value).validate)
+    assert f"worker_resources={value!r}" in message and "NAME=AMOUNT" in message
+
 # ---------------------------------------------------------------- strict parsing
 
 def test_unknown_field_is_named_with_a_suggestion():

@@ -20,7 +20,7 @@ class SavableModel(torch.nn.Module):
         self.MP = torch.nn.Linear(3, 3)
         self.decoder = torch.nn.Linear(3, 3)
 
-    def save_pretrained(self, path):
+    def save_pretrained(self, path, **card):
         torch.save(self.state_dict(), f"{path}/weights.pt")
 
 
@@ -45,7 +45,7 @@ def test_checkpoint_directory_holds_weights_state_and_config(tmp_path):
 
 def test_failed_write_leaves_no_step_directory(tmp_path):
     class Broken(SavableModel):
-        def save_pretrained(self, path):
+        def save_pretrained(self, path, **card):
             raise OSError("disk full")
 
     save(tmp_path, 1)

@@ -17,7 +17,7 @@ SPACE = {
     "name": "t",
     "preset": "tiny",
     "overrides": {
-        "experiment_name": "sweep-test",
+        "experiment_name": "sweep-test", "register_model": "sweep-best",
         "max_training_steps": 4, "eval_interval": 2, "eval_samples": 8, "batch_size": 4,
         "report_interval": 1, "log_interval": 1, "checkpoint_interval": 4, "max_new_tokens_eval": 4,
         "shapes_train_size": 64, "shapes_eval_size": 16, "vit_n_blocks": 1, "lm_n_blocks": 1,
@@ -143,6 +143,21 @@ def test_results_table_ranks_trials_and_best_config_loads(sweep):
     assert vlm.mp_pixel_shuffle_factor == best.config["mp_pixel_shuffle_factor"]
     assert vlm.mp_image_token_length == (8 // vlm.mp_pixel_shuffle_factor) ** 2
     assert train.max_training_steps == 4 and train.output_dir == "runs/tiny"  # no trial-specific paths
+
+
+@pytest.mark.slow
+def test_the_best_trials_final_model_is_the_one_registered(sweep):
+    from nanovlm.export.mlflow_model import SOURCE_TAG, run_model_id
+    from nanovlm.training.checkpointing import latest_checkpoint
+
+    client = _client(sweep)
+    model_id = run_model_id(sweep.tracking_uri, sweep.parent_run_id)   # an MLflow model of the parent run
+    best_checkpoint = latest_checkpoint(sweep.sweep_dir / "trials" / sweep.best.trial_id)
+    assert client.get_logged_model(model_id).tags[SOURCE_TAG] == str(best_checkpoint.resolve())
+    (version,) = client.search_model_versions("name = 'sweep-best'")
+    assert version.source == f"models:/{model_id}"
+    # every trial's run holds its own final model; only the best one is registered, once
+    assert [m.name for m in client.search_registered_models()] == ["sweep-best"]
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ The outage tests run a real `mlflow server` (loopback, a free port) that they st
 run this module under `flock /tmp/nanovlm-ray.lock`."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -74,6 +75,33 @@ def test_a_restarted_attempt_logs_only_the_steps_its_predecessor_did_not(store, 
     assert _history(store, run_id, "val_loss") == [(2, 1.0), (8, 3.0)]
     assert tracking._client(store).get_run(run_id).info.status == "FINISHED"
     assert second.skipped == 4
+
+
+def test_a_successor_on_another_node_sends_what_a_lost_rank0_had_not_sent_and_nothing_twice(store, tmp_path):
+    run_id = _new_run(store)
+    first = JournaledRun(run_id, store, tmp_path / "node-a", flush_every=1)
+    for step in (1, 2):
+        first.log_metrics({"loss": 10.0 + step}, step)
+    deadline = time.monotonic() + 30
+    while _history(store, run_id) != [(1, 11.0), (2, 12.0)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    first._stopping.set()  # from here on nothing reaches MLflow (the store is slow, or the sender behind)
+    for step in (3, 4):
+        first.log_metrics({"loss": 10.0 + step}, step)
+    (tmp_path / "ckpt").mkdir()
+    first.save_unsent(tmp_path / "ckpt")  # the step-4 checkpoint, in the shared storage
+    for step in (5, 6):
+        first.log_metrics({"loss": 10.0 + step}, step)
+    _die(first)
+    shutil.rmtree(tmp_path / "node-a")  # the node and its disk are gone
+
+    second = JournaledRun(run_id, store, tmp_path / "node-b", flush_every=1)  # resumes from the checkpoint
+    assert second.adopt(tmp_path / "ckpt") == 2  # steps 3 and 4
+    for step in range(5, 9):
+        second.log_metrics({"loss": 20.0 + step}, step)
+    assert second.close("FINISHED") is None
+    assert _history(store, run_id) == [(1, 11.0), (2, 12.0), (3, 13.0), (4, 14.0), (5, 25.0), (6, 26.0),
+                                       (7, 27.0), (8, 28.0)]
 
 
 def test_lines_sent_again_after_a_kill_add_nothing(store, tmp_path):

@@ -59,3 +59,19 @@ def train_on_global_batches(vlm, train, world_size: int, steps: int):
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     return losses, initial, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def perturb_weights(directory, scale: float = 0.3) -> None:
+    """Add seeded noise to every weight of the model saved in `directory`: a model trained for a
+    few steps answers <|im_end|> at once; a perturbed one answers words."""
+    import torch
+
+    from nanovlm.models import VisionLanguageModel
+    from nanovlm.models.checkpoint import save_weights
+
+    model = VisionLanguageModel.from_pretrained(directory)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    save_weights(model, f"{directory}/model.safetensors")

@@ -4,21 +4,20 @@
         --prompt "What colour is the shape?" [--max-new-tokens 32] [--greedy] [--compile]
 
 The checkpoint is a directory written by `save_pretrained`, a training checkpoint, a training
-run's output directory (its latest checkpoint), or a Hub repo id. Images and prompt go through the
-functions training uses (docs/data.md): the model's image processor (tiles, global view), and the
-chat template of one user turn that opens with the image string. Prints the answer on stdout.
+run's output directory (its latest checkpoint), or a Hub repo id; it carries its tokenizer
+(nanovlm.export.checkpoint_files). `nanovlm.inference.Answerer` does the work: images and prompt
+go through the functions training uses (docs/data.md). Prints the answer on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from nanovlm.export.checkpoint_files import model_directory as _model_directory
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,37 +56,13 @@ def answer(checkpoint: str, images: list[str] | str, prompt: str, max_new_tokens
     """The decoded answer of the model in `checkpoint` to `prompt` about `images`."""
     import torch
 
-    from nanovlm.config import ConfigError
-    from nanovlm.data.processors import get_tokenizer, image_processor_for, process_images
-    from nanovlm.data.prompts import ConversationEncoder
-    from nanovlm.models import VisionLanguageModel
+    from nanovlm.inference import Answerer
 
     images = [_read_image(path) for path in ([images] if isinstance(images, str) else images)]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
-
-    checkpoint = _model_directory(checkpoint)
-    model = VisionLanguageModel.from_pretrained(checkpoint).to(device).eval()
-    cfg = model.cfg
-    tok = get_tokenizer(_tokenizer_source(checkpoint, cfg.lm_tokenizer, tokenizer), cfg.vlm_extra_tokens,
-                        cfg.lm_chat_template)
-    if tok.image_token_id != model.image_token_id:
-        raise ConfigError(f"The tokenizer's image token id is {tok.image_token_id} but the model expects "
-                         f"{model.image_token_id}; pass the tokenizer the model was trained with (--tokenizer).")
-
-    pixels, grids = process_images(image_processor_for(cfg), images)  # [N tiles, 3, H, W]
-    input_ids = torch.tensor([ConversationEncoder(tok, cfg.mp_image_token_length).prompt_ids(prompt, grids)],
-                             device=device)
-    pixels = pixels.to(device)
-
-    stop = _stop_token(tok)
-    out = model.generate(input_ids, images=pixels, max_new_tokens=max_new_tokens, greedy=greedy,
-                         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=stop,
-                         compile=compile)[0].tolist()
-    if stop is not None and stop in out:
-        out = out[:out.index(stop)]
-    return tok.decode(out, skip_special_tokens=True).strip()
+    answerer = Answerer(_model_directory(checkpoint), tokenizer=tokenizer, device=device)
+    return answerer(images, prompt, max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
+                    top_k=top_k, top_p=top_p, compile=compile)
 
 
 def _read_image(path: str):
@@ -103,35 +78,3 @@ def _read_image(path: str):
         raise UnidentifiedImageError(f"--image {path} is not an image PIL can read ({exc}); give a PNG, JPEG "
                                      "or another image file.") from None
     return image
-
-
-def _model_directory(checkpoint: str) -> str:
-    """A training run's output directory stands for its latest checkpoint; anything else (a model
-    directory, a Hub repo id) is passed on as given."""
-    from nanovlm.training.checkpointing import latest_checkpoint
-
-    latest = latest_checkpoint(checkpoint) if Path(checkpoint).is_dir() else None
-    return str(latest) if latest is not None and not (Path(checkpoint) / "config.json").is_file() else checkpoint
-
-
-def _tokenizer_source(checkpoint: str, configured: str, override: str | None) -> str:
-    if override:
-        return override
-    directory = Path(checkpoint)
-    if directory.is_dir():
-        if any((directory / name).is_file() for name in TOKENIZER_FILES):
-            return str(directory)
-        train_config = directory / "train_config.json"   # written next to training checkpoints
-        if train_config.is_file():
-            path = json.loads(train_config.read_text()).get("tokenizer_path")
-            if path:
-                return path
-    return configured
-
-
-def _stop_token(tokenizer) -> int | None:
-    """The end-of-turn token the chat template closes answers with, else EOS."""
-    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
-        return end_of_turn
-    return tokenizer.eos_token_id

@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from nanovlm.config import ConfigError
 
@@ -26,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, default=None, help="replace the file's num_samples")
     parser.add_argument("--name", default=None, help="replace the file's sweep name")
     parser.add_argument("--storage-path", default=None,
-                        help="where sweep directories go (default: $NANOVLM_HOME/sweeps, ~/.nanovlm/sweeps)")
+                        help="where sweep directories go: a path, or a URI such as s3://bucket/sweeps for a "
+                             "multi-node cluster (default: $NANOVLM_HOME/sweeps, ~/.nanovlm/sweeps)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
                         help="resume an interrupted sweep: its directory, or (no value) the latest sweep "
                              "of this space's name; finished trials are not run again")
@@ -53,13 +53,12 @@ def run(args: argparse.Namespace) -> int:
             spec.name = args.name
     if args.resume:
         if args.resume != "latest":
-            resume_dir = Path(args.resume)
+            resume_dir = args.resume  # a path or a URI (s3://...)
         elif spec is None:
             raise ConfigError("--resume without a directory needs the space file, e.g. "
                               "`nanovlm sweep tune/demo.yaml --resume`.")
         else:
-            storage = Path(args.storage_path or spec.storage_path or default_storage()).expanduser()
-            resume_dir = find_resumable(spec.name, storage)
+            resume_dir = find_resumable(spec.name, args.storage_path or spec.storage_path or default_storage())
     elif spec is None:
         raise ConfigError("Give a search-space file (e.g. `nanovlm sweep tune/demo.yaml`) or --resume DIR.")
     else:
@@ -78,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"nanovlm sweep: the MLflow store {masked_uri(outcome.tracking_uri)} did not take everything; "
               f"{len(outcome.tracking_pending)} run journal(s) hold the rest. When the store answers, send it with: "
-              f"nanovlm tracking sync {outcome.sweep_dir}", file=sys.stderr)
+              f"nanovlm tracking sync {outcome.local_dir or outcome.sweep_dir}", file=sys.stderr)
         return 3
     return 1 if outcome.interrupted else 0
 
@@ -127,11 +126,13 @@ def _final_metrics(record) -> dict[str, float]:
 
 
 def _chance(outcome, record) -> dict[str, float]:
-    summary = outcome.sweep_dir / "trials" / record.trial_id / "summary.json"
-    if summary.exists():
-        chance = json.loads(summary.read_text()).get("chance")
-        if chance:
-            return chance
+    from nanovlm import storage
+    from nanovlm.distributed.launcher import SUMMARY_FILE
+
+    # rank 0 of the trial wrote it through the storage (it may have run on another node)
+    summary = storage.read_json(storage.join(outcome.sweep_dir, "train", record.trial_id, SUMMARY_FILE)) or {}
+    if summary.get("chance"):
+        return summary["chance"]
     try:
         from nanovlm.data.shapes import chance_per_type
 

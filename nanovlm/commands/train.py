@@ -31,7 +31,8 @@ from nanovlm.config import TrainConfig, VLMConfig, apply_overrides, parse_overri
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--dataset", default=None, help="train_dataset_path: 'shapes', a local dir or a Hub id")
+    parser.add_argument("--dataset", default=None, help="train_dataset_path: 'shapes', local files or dirs, Hub ids "
+                        "or URIs; several, comma separated, are mixed (docs/data.md)")
     parser.add_argument("--max-steps", type=int, default=None, help="max_training_steps")
     parser.add_argument("--output", default=None, help="output_dir (checkpoints, summary.json)")
     parser.add_argument("--resume", default=None, metavar="DIR",
@@ -48,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MLflow run name (default <preset>-<date>-<time>); on Ray Train also the run's "
                              "directory under the storage path, where an existing name resumes that run")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--register", default=None, metavar="NAME",
+                        help="register the final model (an MLflow pyfunc model) in the MLflow model registry under NAME "
+                             "(TrainConfig.register_model)")
 
 
 def _configs(args: argparse.Namespace) -> tuple[VLMConfig, TrainConfig]:
@@ -63,7 +67,7 @@ def _configs(args: argparse.Namespace) -> tuple[VLMConfig, TrainConfig]:
         vlm, train = base_configs(args)
     flags = {"train_dataset_path": args.dataset, "max_training_steps": args.max_steps,
              "output_dir": args.output, "num_workers": args.num_workers, "experiment_name": args.experiment,
-             "use_gpu": True if args.gpu else None}
+             "use_gpu": True if args.gpu else None, "register_model": args.register}
     changes = {**parse_overrides(args.overrides), **{k: v for k, v in flags.items() if v is not None}}
     return apply_overrides(vlm, train, changes)
 

@@ -1,45 +1,41 @@
-"""Rows -> training samples: load rows (shapes, local dirs, the Hub), build `VQADataset`s.
+"""Rows -> training samples: load rows (shapes, local files, the Hub; one dataset or a mixture)
+and build each rank's training and validation data (docs/data.md).
 
-Rows follow the nanoVLM schema: `images` (list of PIL images) and `texts` (list of
-{"user", "assistant"} turns); `image` / `question` + `answer` columns are accepted too.
-A row with no usable turn, an unreadable image, more than `max_images_per_example` images, or
-a prompt longer than `lm_max_length` is skipped and counted (`VQADataset.skipped`), never fatal.
-Images go through the model's image pipeline (`image_processor_for`, docs/data.md).
+Rows follow the nanoVLM schema, `images` + `texts`; the other accepted formats are normalised to
+it (`formats`). Two modes (`TrainConfig.stream_dataset`; None: auto, `sources.use_streaming`):
+- map-style: every row is checked before training (`VQADataset`; the scan is kept on disk, so
+  the next run, trial or rank reads it: `scan_cache`), and training visits permutations of the
+  usable rows (`training.sampling`): exact epochs, exact resume;
+- streaming: each rank reads its own shards as batches need them (`streaming.TrainStream`).
+Either way a row that cannot make a sample is skipped and counted by reason (`samples.SKIP_FIXES`),
+never fatal; a dataset without a usable row is a `DatasetError` before training.
 
-`build_datasets(vlm_cfg, train_cfg, tokenizer, rank, world_size)` is what the training loop
-(and each Ray Train worker) calls: train and validation `VQADataset`s, sharded per rank.
+`build_datasets(vlm_cfg, train_cfg, tokenizer, rank, world_size)` is what the training loop (and
+each Ray Train worker) calls.
 """
 
 from __future__ import annotations
 
-import io
+import hashlib
 import logging
 import re
 import string
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-from PIL import Image
 
-from nanovlm.data.local_files import DatasetError, load_failure, parquet_splits, resolve_image_paths
-from nanovlm.data.processors import Grid, image_processor_for, process_images
-from nanovlm.data.prompts import IGNORE_INDEX, ConversationEncoder
-from nanovlm.data.shapes import ShapesRows
+from nanovlm.data.formats import min_ratings, normalize_row
+from nanovlm.data.local_files import DatasetError
+from nanovlm.data.processors import image_processor_for
+from nanovlm.data.samples import SKIP_FIXES, UNREADABLE, SampleBuilder, why_skipped
+from nanovlm.data.scan_cache import Scan, cached_scan, scan_key
+from nanovlm.data.shapes import DATA_VERSION, ShapesRows
+from nanovlm.data.sources import RowTable, Source, load_table, resolve_sources, use_streaming
 from nanovlm.data.tokenizer_training import train_tokenizer_on_rows
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_QUESTION_TYPE = "default"
-# What to do about each reason a row is skipped for (VQADataset.skipped's keys).
-SKIP_FIXES = {
-    "no_usable_turns": "each row needs texts=[{'user': ..., 'assistant': ...}] (or question/answer columns)",
-    "unreadable_image": "check the image files or bytes the rows hold",
-    "too_long": "raise lm_max_length or shorten the texts",
-    "too_many_images": "raise max_images_per_example or split the rows",
-}
 
 
 # ==================================================================== answers
@@ -54,180 +50,82 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-# ==================================================================== row normalisation
-
-def row_turns(row: dict[str, Any]) -> list[tuple[str, str]]:
-    """The usable (user, assistant) turns of a row: both sides non-empty strings."""
-    texts = row.get("texts")
-    if texts is None and "question" in row and "answer" in row:
-        texts = [{"user": row["question"], "assistant": row["answer"]}]
-    if texts is None and "user" in row and "assistant" in row:
-        texts = [{"user": row["user"], "assistant": row["assistant"]}]
-    if isinstance(texts, dict):
-        texts = [texts]
-    turns = []
-    for turn in texts or []:
-        if not isinstance(turn, dict):
-            continue
-        user, assistant = turn.get("user"), turn.get("assistant")
-        if isinstance(user, str) and isinstance(assistant, str) and user.strip() and assistant.strip():
-            turns.append((user, assistant))
-    return turns
-
-
-def row_images(row: dict[str, Any]) -> list[Any]:
-    images = row.get("images")
-    if images is None and row.get("image") is not None:
-        images = [row["image"]]
-    if images is None:
-        return []
-    return list(images) if isinstance(images, (list, tuple)) else [images]
-
-
-def open_image(image: Any, decode: bool = True) -> Image.Image:
-    """A PIL image from what a row holds: a PIL image, or datasets' undecoded {bytes, path}
-    (`decode=False`: only its header is read, enough for `.size`)."""
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, dict) and (image.get("bytes") or image.get("path")):
-        source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
-        opened = Image.open(source)
-        if decode:
-            opened.load()
-        return opened
-    raise ValueError(f"not an image: {type(image).__name__}")
-
-
 def _text_rows(rows: Sequence[dict]) -> Iterator[dict[str, Any]]:
-    """Rows with images left undecoded (cheap to scan)."""
+    """Rows normalised, images left undecoded (cheap to scan)."""
     if hasattr(rows, "text_row"):  # ShapesRows: skip drawing
         yield from (rows.text_row(i) for i in range(len(rows)))
         return
-    try:
-        import datasets
-    except ImportError:  # pragma: no cover
-        datasets = None
-    if datasets is not None and isinstance(rows, datasets.Dataset):
-        undecoded = rows
-        for name, feature in rows.features.items():
-            if _has_image_feature(feature):
-                undecoded = undecoded.cast_column(name, _undecoded_feature(feature))
-        for batch in undecoded.iter(batch_size=1000):
-            columns = list(batch)
-            for values in zip(*(batch[c] for c in columns)):
-                yield dict(zip(columns, values))
+    import datasets
+    if isinstance(rows, datasets.Dataset):
+        rows = RowTable(rows)
+    if isinstance(rows, RowTable):
+        yield from rows.undecoded_rows()
         return
-    yield from rows
-
-
-def _has_image_feature(feature: Any) -> bool:
-    from datasets import Image as ImageFeature
-    return isinstance(feature, ImageFeature) or isinstance(getattr(feature, "feature", None), ImageFeature)
-
-
-def _undecoded_feature(feature: Any) -> Any:
-    from datasets import Image as ImageFeature, List
-    if isinstance(feature, ImageFeature):
-        return ImageFeature(decode=False)
-    return List(ImageFeature(decode=False))
+    yield from (normalize_row(row) for row in rows)
 
 
 # ==================================================================== samples
 
 class VQADataset(torch.utils.data.Dataset):
-    """Samples for the VLM: ids with the image string, shifted labels, processed images.
+    """Samples for the VLM (item keys: `samples.SampleBuilder.item`), from the usable rows only.
 
-    Item keys: `input_ids` [L], `labels` [L] (already shifted: labels[t] is the target of
-    position t, i.e. input_ids[t+1] where it is an answer token or its end token, else -100),
-    `attention_mask` [L], `images` [n, 3, H, W] (the tiles of every image of the row, in order),
-    `grids` (each image's (rows, cols)), `prompt_ids` [P] (input_ids before the last answer, for
-    generation), `question_type`, `answer` (the last assistant turn).
-
-    `image_processor` defaults to the model's (`image_processor_for(cfg)`).
-    """
+    Every row is checked when the dataset is made (`skipped`: rows skipped by reason,
+    `skip_details`: the first row skipped for each reason and why); `cache_scan` keeps that scan
+    on disk for the next dataset of the same rows and settings. `image_processor` defaults to the
+    model's (`image_processor_for(cfg)`); `min_ratings`: FineVision's filters (`formats.min_ratings`)."""
 
     def __init__(self, rows: Sequence[dict], tokenizer, image_processor, cfg, max_length: int | None = None,
-                 verify_images: bool = False, name: str = "dataset", max_images: int | None = None):
+                 verify_images: bool = False, name: str = "dataset", max_images: int | None = None,
+                 min_ratings: dict[str, int] | None = None, cache_scan: bool = False):
         self.rows = rows
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor or image_processor_for(cfg)
-        self.max_length = max_length or cfg.lm_max_length
-        self.max_images = max_images
+        self.builder = SampleBuilder(tokenizer, image_processor or image_processor_for(cfg), cfg, max_length,
+                                     max_images, min_ratings)
         self.name = name
-        self.encoder = ConversationEncoder(tokenizer, cfg.mp_image_token_length)
-        self.skipped: Counter[str] = Counter()  # reason -> rows skipped while scanning
-        self.skip_details: dict[str, str] = {}  # reason -> what was wrong with the first row skipped for it
-        self.skipped_at_load = 0                # unreadable images met in __getitem__ (this process)
-        self.indices = self._scan(verify_images)
-
-    def _scan(self, verify_images: bool) -> list[int]:
-        kept = []
-        total = 0
-        for i, row in enumerate(_text_rows(self.rows)):
-            total += 1
-            turns = row_turns(row)
-            if not turns:
-                self._skip("no_usable_turns", i, f"no turn with a non-empty 'user' and 'assistant' (columns "
-                                                 f"{sorted(row)}, texts={str(row.get('texts'))[:80]})")
-                continue
-            images = row_images(row)
-            if self.max_images is not None and len(images) > self.max_images:
-                self._skip("too_many_images", i, f"{len(images)} images, over max_images_per_example={self.max_images}")
-                continue
-            if any(image is None for image in images) and not hasattr(self.rows, "text_row"):
-                self._skip("unreadable_image", i, "an image is missing (None)")
-                continue
-            if verify_images:
-                try:
-                    for image in images:
-                        open_image(image)
-                except Exception as exc:  # PIL raises many types for broken files
-                    self._skip("unreadable_image", i, f"{type(exc).__name__}: {exc}")
-                    continue
-            try:
-                grids = self._grids(images)
-            except Exception as exc:  # PIL raises many types for broken headers
-                self._skip("unreadable_image", i, f"{type(exc).__name__}: {exc}")
-                continue
-            length = len(self.encoder.encode(tuple(turns), grids).input_ids)
-            if length > self.max_length:
-                self._skip("too_long", i, f"{length} tokens, over lm_max_length={self.max_length}")
-                continue
-            kept.append(i)
+        self.skipped_at_load = 0               # unreadable images met in __getitem__ (this process)
+        check = "decode" if verify_images else "size"
+        scan, cached = cached_scan(self._scan_key(check) if cache_scan else None, lambda: self._scan(check))
+        self.indices, self._sizes = scan.indices, scan.sizes
+        self.skipped: Counter[str] = scan.skipped
+        self.skip_details: dict[str, str] = scan.skip_details
+        self.rows_scanned = 0 if cached else scan.rows_read   # rows this dataset read to check them
+        kept, total = len(self.indices), len(self.indices) + sum(self.skipped.values())
         if self.skipped:
-            logger.warning("%s: kept %d of %d rows; skipped %s; first of each: %s.", self.name, len(kept), total,
-                           dict(self.skipped), self.skip_details)
+            logger.warning("%s: kept %d of %d rows%s; skipped %s; first of each: %s.", name, kept, total,
+                           " (scan read from the cache)" if cached else "", dict(self.skipped), self.skip_details)
         else:
-            logger.info("%s: %d rows.", self.name, len(kept))
-        return kept
+            logger.info("%s: %d rows%s.", name, kept, " (scan read from the cache)" if cached else "")
 
-    def _grids(self, images: list[Any]) -> tuple[Grid, ...]:
-        """Each image's tile grid, from its size alone (no pixel is decoded)."""
-        if not self.image_processor.splits:
-            return ((1, 1),) * len(images)
-        return tuple(self.image_processor.grid(*self._size(image)) for image in images)
+    def _scan(self, check: str) -> Scan:
+        scan = Scan([], {})
+        image_size = (self.rows.img_size,) * 2 if hasattr(self.rows, "text_row") else None
+        for i, row in enumerate(_text_rows(self.rows)):
+            scan.rows_read += 1
+            verdict = self.builder.inspect(row, check, image_size)
+            if verdict.reason is not None:
+                scan.skipped[verdict.reason] += 1
+                scan.skip_details.setdefault(verdict.reason, f"row {i}: {verdict.detail}")
+                continue
+            scan.indices.append(i)
+            scan.sizes[i] = (verdict.tokens, verdict.images)
+        return scan
 
-    def _size(self, image: Any) -> tuple[int, int]:
-        if image is None:  # ShapesRows.text_row: its images are img_size squares
-            return (self.rows.img_size, self.rows.img_size)
-        if isinstance(image, Image.Image):
-            return image.size
-        with open_image(image, decode=False) as opened:
-            return opened.size
-
-    def _skip(self, reason: str, row: int, detail: str) -> None:
-        self.skipped[reason] += 1
-        self.skip_details.setdefault(reason, f"row {row}: {detail}")
-        logger.debug("%s row %d skipped (%s): %s", self.name, row, reason, detail)
+    def _scan_key(self, check: str) -> str | None:
+        """What the scan depends on, hashed; None for rows without a stable identity."""
+        if isinstance(self.rows, ShapesRows):
+            rows = f"{self.rows!r} v{DATA_VERSION}"
+        elif isinstance(self.rows, RowTable):
+            rows = self.rows.fingerprint
+        else:
+            return None
+        builder = self.builder
+        return scan_key({"rows": rows, "tokenizer": tokenizer_fingerprint(builder.encoder.tokenizer),
+                         "processor": repr(builder.image_processor), "tile_tokens": builder.encoder.image_token_length,
+                         "max_length": builder.max_length, "max_images": builder.max_images,
+                         "min_ratings": builder.min_ratings, "check": check})
 
     def why_skipped(self) -> str:
         """The counts by reason, and the most common reason's first row and fix, in one line."""
-        if not self.skipped:
-            return "no row was skipped"
-        reason, _ = self.skipped.most_common(1)[0]
-        counts = ", ".join(f"{n} {r}" for r, n in self.skipped.most_common())
-        fix = SKIP_FIXES.get(reason, "see the log above")
-        return f"skipped {counts}; most common: {reason} (first at {self.skip_details[reason]}); {fix}"
+        return why_skipped(self.skipped, self.skip_details)
 
     @property
     def num_skipped(self) -> int:
@@ -250,48 +148,39 @@ class VQADataset(torch.utils.data.Dataset):
         for attempt in range(len(self.indices)):
             index = self.indices[(k + attempt) % len(self.indices)]
             try:
-                return self._item(self.rows[index])
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                return self.builder.item(normalize_row(self.rows[index]))
+            except UNREADABLE as exc:
                 self.skipped_at_load += 1
                 logger.warning("%s row %d: unreadable image (%s); using the next row.", self.name, index, exc)
-        raise DatasetError(f"{self.name}: no row has a readable image; {SKIP_FIXES['unreadable_image']}.")
-
-    def _item(self, row: dict[str, Any]) -> dict[str, Any]:
-        images, grids = process_images(self.image_processor, [open_image(image) for image in row_images(row)])
-        encoded = self.encoder.encode(tuple(row_turns(row)), tuple(grids))
-        input_ids = torch.tensor(encoded.input_ids, dtype=torch.long)
-        labels = torch.full_like(input_ids, IGNORE_INDEX)
-        labels[:-1] = torch.tensor(encoded.labels[1:], dtype=torch.long)  # position t predicts t+1
-        return {
-            "input_ids": input_ids,
-            "labels": labels,
-            "attention_mask": torch.ones_like(input_ids),
-            "images": images,                                                # [n_tiles, 3, H, W]
-            "grids": grids,
-            "prompt_ids": torch.tensor(encoded.prompt_ids, dtype=torch.long),
-            "question_type": row.get("question_type") or DEFAULT_QUESTION_TYPE,
-            "answer": encoded.answer,
-        }
+        raise DatasetError(f"{self.name}: no row has a readable image; check the image files or bytes the rows hold.")
 
     def sample_sizes(self) -> list[tuple[int, int]]:
-        """(tokens, images) of every sample, in index order, from the text and the images' sizes
-        without decoding a pixel: what packing plans rows with (data/packing.py). Must count what
-        `_item` makes: len(input_ids), and its images (not their tiles, as nanoVLM counts them)."""
-        wanted = set(self.indices)
-        sizes = {}
-        for i, row in enumerate(_text_rows(self.rows)):
-            if i in wanted:
-                grids = self._grids(row_images(row))
-                sizes[i] = (len(self.encoder.encode(tuple(row_turns(row)), grids).input_ids), len(grids))
-        return [sizes[i] for i in self.indices]
+        """(tokens, images) of every sample, in index order, as the scan measured them from the
+        text and the images' sizes (no pixel decoded): what packing plans rows with. They count
+        what an item holds: len(input_ids), and its images (not their tiles, as nanoVLM counts)."""
+        return [self._sizes[i] for i in self.indices]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the tokenizer's vocabulary, merges, added tokens and chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}:{len(tokenizer)}"
+    return hashlib.sha256(f"{text}\n{tokenizer.chat_template}".encode()).hexdigest()[:16]
 
 
 # ==================================================================== row loading
 
 def load_rows(train_cfg, img_size: int = 64) -> tuple[Sequence[dict], Sequence[dict] | None, bool]:
-    """(train rows, validation rows or None, local) for TrainConfig.train_dataset_path."""
-    path = train_cfg.train_dataset_path
-    if path == "shapes":
+    """(train rows, validation rows or None, local) of TrainConfig.train_dataset_path, one dataset."""
+    sources = resolve_sources(train_cfg)
+    if len(sources) != 1:
+        raise DatasetError(f"train_dataset_path={train_cfg.train_dataset_path!r} is a mixture; load_rows reads "
+                           "one dataset.")
+    return _source_rows(sources[0], train_cfg, img_size)
+
+
+def _source_rows(source: Source, train_cfg, img_size: int):
+    if source.format == "shapes":
         common = dict(seed=train_cfg.shapes_seed, max_objects=train_cfg.shapes_max_objects,
                       question_types=train_cfg.shapes_question_types, img_size=img_size)
         train_size = train_cfg.shapes_train_size
@@ -299,53 +188,10 @@ def load_rows(train_cfg, img_size: int = 64) -> tuple[Sequence[dict], Sequence[d
             train_size = min(train_size, train_cfg.data_cutoff_idx)
         return (ShapesRows("train", train_size, **common),
                 ShapesRows("validation", train_cfg.shapes_eval_size, **common), False)
-    local = Path(path).expanduser().exists()
-    data = _load_local(Path(path).expanduser()) if local else _load_hub(path, train_cfg.train_dataset_name)
-    train, val = _pick_splits(data, train_cfg.val_ratio, train_cfg.seed, path)
+    train, val = _pick_splits(load_table(source), train_cfg.val_ratio, train_cfg.seed, source.path)
     if train_cfg.data_cutoff_idx is not None:
         train = train.select(range(min(len(train), train_cfg.data_cutoff_idx)))
-    return train, val, local
-
-
-def _load_local(path: Path):
-    import datasets
-    try:
-        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-            return datasets.load_from_disk(str(path))
-        parquet = [path] if path.suffix == ".parquet" and path.is_file() else sorted(path.rglob("*.parquet"))
-        if parquet:
-            return resolve_image_paths(datasets.load_dataset("parquet", data_files=parquet_splits(path, parquet)),
-                                        parquet)
-        if path.is_dir():
-            return datasets.load_dataset("imagefolder", data_dir=str(path))
-    except DatasetError:
-        raise
-    except (datasets.exceptions.DatasetGenerationError, ValueError, OSError) as exc:
-        raise DatasetError(load_failure(path, exc)) from exc
-    raise DatasetError(f"train_dataset_path={str(path)!r}: expected a save_to_disk directory, parquet "
-                       "file(s) or an imagefolder directory with metadata.jsonl.")
-
-
-def _load_hub(path: str, names: str):
-    """the_cauldron-style: one config per comma-separated name, train splits concatenated."""
-    import datasets
-    subsets = [n.strip() for n in names.split(",") if n.strip()]
-    parts = {}
-    try:
-        if subsets in ([], ["all"]):
-            subsets = datasets.get_dataset_config_names(path)
-        for subset in subsets:
-            logger.info("Loading %s / %s from the Hub.", path, subset)
-            loaded = datasets.load_dataset(path, subset)
-            for split, ds in loaded.items():
-                parts.setdefault(split, []).append(ds)
-    except (OSError, ValueError) as exc:  # not found, offline, no such subset
-        raise DatasetError(f"train_dataset_path={path!r} is no local path and does not load from the Hub: "
-                           f"{type(exc).__name__}: {exc}. Check the path or the dataset id (and "
-                           "train_dataset_name), or the network.") from exc
-    if "validation" in parts and len(parts["validation"]) != len(subsets):
-        del parts["validation"]  # only some subsets have one: split everything by val_ratio instead
-    return datasets.DatasetDict({split: datasets.concatenate_datasets(p) for split, p in parts.items()})
+    return RowTable(train, source.base_dir), None if val is None else RowTable(val, source.base_dir), source.local
 
 
 def _pick_splits(data, val_ratio: float, seed: int, path: str):
@@ -371,47 +217,89 @@ def _pick_splits(data, val_ratio: float, seed: int, path: str):
 class DataSplits:
     """What `build_datasets` returns; unpacks as `train, val = build_datasets(...)`.
 
-    `train` is already this rank's shard, so a sampler over it must not shard again:
-    `sampler_rank` / `sampler_world_size` are 0 / 1. `val` is the whole validation set (or None);
-    evaluation strides over it by rank and sums the counts."""
-    train: VQADataset
-    val: VQADataset | None
+    `train` is already this rank's share, so a sampler over it must not shard again:
+    `sampler_rank` / `sampler_world_size` are 0 / 1. Map-style it is a `VQADataset` (or a
+    `mixture.MixtureDataset`); streaming (`streaming` True) a `streaming.TrainStream`. `val` is the
+    whole validation set (or None); evaluation strides over it by rank and sums the counts."""
+    train: Any
+    val: Any
     sampler_rank: int = 0
     sampler_world_size: int = 1
+    streaming: bool = False
 
-    def __iter__(self) -> Iterator[VQADataset | None]:
+    def __iter__(self) -> Iterator[Any]:
         return iter((self.train, self.val))
+
+    def report(self, sampler, skipped_at_load: int = 0, rank: int = 0, sum_over_ranks=None) -> dict[str, Any]:
+        """The run's data counts: `rows_scanned` (read before training), `rows_streamed` (read
+        while training), `skipped` by reason with `skipped_total`, and `skip_details` (this
+        rank's first row skipped for each reason). `sum_over_ranks(list of numbers)`: the sums
+        over the ranks (e.g. an all-reduce); None: this rank's counts are the run's."""
+        skipped = Counter({"unreadable_image": skipped_at_load}) + Counter(getattr(sampler, "skipped", {}))
+        details = dict(getattr(sampler, "skip_details", {}))
+        parts = [self.train, *getattr(self.val, "datasets", [self.val])]   # a mixture's validation: a ConcatDataset
+        if self.streaming:   # the stream read the validation rows (checked from memory after)
+            parts = [self.train]
+        scanned = sum(getattr(d, "rows_scanned", 0) for d in parts if d is not None)
+        if not self.streaming:
+            skipped["unreadable_image"] += self.train.skipped_at_load
+            if rank == 0:   # every rank scanned (or read the scan of) the whole set: count it once
+                skipped += self.train.skipped
+                details = {**self.train.skip_details, **details}
+        counts = [scanned, getattr(sampler, "rows_read", 0) if self.streaming else 0,
+                  *(skipped.get(reason, 0) for reason in SKIP_FIXES)]
+        if sum_over_ranks is not None:
+            counts = [int(n) for n in sum_over_ranks([float(n) for n in counts])]
+        by_reason = {reason: n for reason, n in zip(SKIP_FIXES, counts[2:]) if n}
+        return {"streaming": self.streaming, "rows_scanned": counts[0], "rows_streamed": counts[1],
+                "skipped": by_reason, "skipped_total": sum(by_reason.values()), "skip_details": details}
 
 
 def build_datasets(vlm_cfg, train_cfg, tokenizer, rank: int = 0, world_size: int = 1,
                    image_processor=None, shard_val: bool = False) -> DataSplits:
-    """Train (this rank's disjoint, equal-length shard) and validation `VQADataset`s."""
+    """This rank's training data (a disjoint share) and the validation set (docs/data.md)."""
     if tokenizer.image_token_id != vlm_cfg.image_token_id:
         raise ValueError(f"The tokenizer gives {tokenizer.image_token!r} id {tokenizer.image_token_id} but "
                          f"VLMConfig.image_token_id is {vlm_cfg.image_token_id} (lm_base_vocab_size="
                          f"{vlm_cfg.lm_base_vocab_size}); set lm_base_vocab_size to the tokenizer's base "
                          "vocabulary or vlm_image_token_id to the tokenizer's id.")
     image_processor = image_processor or image_processor_for(vlm_cfg)
-    train_rows, val_rows, local = load_rows(train_cfg, vlm_cfg.vit_img_size)
-    common = dict(tokenizer=tokenizer, image_processor=image_processor, cfg=vlm_cfg, verify_images=local,
-                  max_images=train_cfg.max_images_per_example)
-    train = VQADataset(train_rows, name="train", **common)
+    sources = resolve_sources(train_cfg)
+    common = dict(tokenizer=tokenizer, image_processor=image_processor, cfg=vlm_cfg,
+                  max_images=train_cfg.max_images_per_example, min_ratings=min_ratings(train_cfg))
+    if use_streaming(train_cfg, sources):
+        from nanovlm.data.streaming import build_stream
+        builder = SampleBuilder(tokenizer, image_processor, vlm_cfg, None, common["max_images"], common["min_ratings"])
+        max_tokens = train_cfg.max_sample_length or vlm_cfg.lm_max_length
+        train, val_rows = build_stream(sources, train_cfg, builder, max_tokens, rank, world_size)
+        val = VQADataset(val_rows, name="validation", **common) if val_rows else None
+        return DataSplits(train, val, streaming=True)
+    parts = []
+    for source in sources:
+        train_rows, val_rows, local = _source_rows(source, train_cfg, vlm_cfg.vit_img_size)
+        args = dict(common, verify_images=local, cache_scan=True)
+        parts.append((VQADataset(train_rows, name=f"train {source.path}", **args),
+                      None if val_rows is None else VQADataset(val_rows, name=f"validation {source.path}", **args)))
+    train = parts[0][0]
+    if len(parts) > 1:
+        from nanovlm.data.mixture import MixtureDataset
+        train = MixtureDataset([p[0] for p in parts], [s.weight for s in sources], train_cfg.seed)
     if len(train) < world_size:
         raise DatasetError(f"train_dataset_path={train_cfg.train_dataset_path!r} has {len(train)} usable "
                            f"training rows for {world_size} worker(s): {train.why_skipped()}.")
     train.shard(rank, world_size)
-    val = None
-    if val_rows is not None:
-        val = VQADataset(val_rows, name="validation", **common)
-        if shard_val:
-            val.shard(rank, world_size)
+    vals = [val for _, val in parts if val is not None]
+    val = vals[0] if len(vals) == 1 else (torch.utils.data.ConcatDataset(vals) if vals else None)
+    if shard_val and isinstance(val, VQADataset):
+        val.shard(rank, world_size)
     return DataSplits(train, val)
 
 
-def train_tokenizer_for_dataset(train_cfg, vocab_size: int, out_dir: str | Path, img_size: int = 64,
-                                **kwargs):
+def train_tokenizer_for_dataset(train_cfg, vocab_size: int, out_dir, img_size: int = 64, **kwargs):
     """Train a byte-level BPE on the text of the training rows that `train_cfg.train_dataset_path`
-    names (shapes, a local dir, a Hub id), without decoding any image. Point
-    `TrainConfig.tokenizer_path` at `out_dir` and set `lm_base_vocab_size=vocab_size` to use it."""
-    train_rows, _, _ = load_rows(train_cfg, img_size)
-    return train_tokenizer_on_rows(_text_rows(train_rows), vocab_size, out_dir, **kwargs)
+    names (shapes, local files, Hub ids; every dataset of a mixture), without decoding any image.
+    Point `TrainConfig.tokenizer_path` at `out_dir` and set `lm_base_vocab_size=vocab_size` to use it."""
+    def rows() -> Iterator[dict[str, Any]]:
+        for source in resolve_sources(train_cfg):
+            yield from _text_rows(_source_rows(source, train_cfg, img_size)[0])
+    return train_tokenizer_on_rows(rows(), vocab_size, out_dir, **kwargs)

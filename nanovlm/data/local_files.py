@@ -1,12 +1,10 @@
-"""Local dataset files: which parquet files make which split, image paths held as strings in
-parquet columns, and the one-line reason a local dataset does not load (a malformed
-`metadata.jsonl` line named by file and line number). `datasets.load_rows` uses them."""
+"""Local dataset files: which data files make which split, and the one-line reason a local dataset
+does not load (a malformed `metadata.jsonl` line named by file and line number). `sources` uses them."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 
 class DatasetError(ValueError):
@@ -14,8 +12,9 @@ class DatasetError(ValueError):
 
 
 def parquet_splits(path: Path, files: list[Path]) -> dict[str, list[str]]:
-    """The parquet files by split, named as `datasets` infers splits from a directory (train-*,
-    validation/, ...), leaving out the other files there (e.g. the images the rows point to)."""
+    """The data files (parquet, JSON, CSV) by split, named as `datasets` infers splits from a
+    directory (train-*, validation/, ...), leaving out the other files there (e.g. the images the
+    rows point to)."""
     from datasets.data_files import DataFilesDict, get_data_patterns
 
     if path.is_file():
@@ -24,41 +23,6 @@ def parquet_splits(path: Path, files: list[Path]) -> dict[str, list[str]]:
     wanted = {str(f) for f in files}
     splits = {str(split): [f for f in names if f in wanted] for split, names in found.items()}
     return {split: names for split, names in splits.items() if names}
-
-
-def resolve_image_paths(data, files: list[Path]):
-    """Image columns that hold path strings become image features: a relative path is read from
-    the directory of the parquet file, an absolute one as given."""
-    import datasets
-
-    folders = {f.parent.resolve() for f in files}
-
-    def resolve(value):
-        if value is None or Path(value).is_absolute():
-            return value
-        if len(folders) != 1:
-            raise DatasetError(f"Image path {value!r} in the parquet files {[str(f) for f in files]} is relative, "
-                               "and they are in several directories, so it is ambiguous; make the paths absolute "
-                               "or put the parquet files in one directory.")
-        return str(next(iter(folders)) / value)
-
-    for split, ds in data.items():
-        for name in ("image", "images"):
-            feature = ds.features.get(name)
-            if _is_string(feature):
-                ds = ds.map(lambda batch, n=name: {n: [resolve(v) for v in batch[n]]}, batched=True)
-                ds = ds.cast_column(name, datasets.Image())
-            elif _is_string(getattr(feature, "feature", None)):
-                ds = ds.map(lambda batch, n=name: {n: [None if vs is None else [resolve(v) for v in vs]
-                                                       for vs in batch[n]]}, batched=True)
-                ds = ds.cast_column(name, datasets.List(datasets.Image()))
-        data[split] = ds
-    return data
-
-
-def _is_string(feature: Any) -> bool:
-    import datasets
-    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
 def load_failure(path: Path, exc: BaseException) -> str:

@@ -72,6 +72,9 @@ def _load_tokenizer(source: str, extra: dict[str, str], chat_template: str | Non
                       f"{exc}. Use a Hub name (needs network), a local tokenizer directory, or "
                       "'shapes-bpe-512' (trained offline).") from exc
     base_size = len(base)
+    vocab = base.get_vocab()
+    if extra and all(token in vocab for token in extra.values()):   # a VLM tokenizer saved with its tokens
+        base_size -= len(extra)
     # `extra_special_tokens` as a dict names each token: tokenizer.<name> / tokenizer.<name>_id.
     tokenizer = AutoTokenizer.from_pretrained(source, extra_special_tokens=extra, **kwargs) if extra else base
     for position, (name, token) in enumerate(extra.items()):

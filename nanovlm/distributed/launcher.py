@@ -11,8 +11,12 @@ Scaling, storage and failure policy are declared in one place:
     ScalingConfig(num_workers, use_gpu, resources_per_worker={"CPU": cpus_per_worker})
     RunConfig(storage_path, name, CheckpointConfig(num_to_keep), FailureConfig(max_failures))
 
-A run lives in `storage_path/name`. Running again with the same name resumes it from its latest
-checkpoint (Train V2 reloads the checkpoint manager's snapshot; `TorchTrainer.restore` is gone).
+A run lives in `storage_path/name`: a local or shared path, or a URI (s3://, gs://). Ray keeps its
+checkpoints there; so does this module, through `nanovlm.storage` (pyarrow.fs, as Ray), for the
+run state (`nanovlm_run.json`: config and MLflow run id) and the final summary that rank 0 writes
+(`nanovlm_summary.json`): the driver reads nothing back from its own disk. Running again with
+the same name resumes the run from its latest checkpoint, in the same MLflow run (Train V2
+reloads the checkpoint manager's snapshot; `TorchTrainer.restore` is gone).
 `resume_from` (a training checkpoint, e.g. a run's output dir) starts a new Ray run from that
 checkpoint instead; either way the MLflow run continues. A worker group that Ray restarts after
 a failure resumes from Ray's latest checkpoint, which takes precedence over `resume_from`.
@@ -20,12 +24,12 @@ a failure resumes from Ray's latest checkpoint, which takes precedence over `res
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from nanovlm import storage as run_storage
 from nanovlm import tracking
 from nanovlm.config import ConfigError, TrainConfig, VLMConfig, configs_to_dict
 from nanovlm.training import checkpointing
@@ -33,6 +37,7 @@ from nanovlm.training import checkpointing
 logger = logging.getLogger(__name__)
 
 RUN_STATE_FILE = "nanovlm_run.json"        # in storage_path/name: config + MLflow run id, for resuming
+SUMMARY_FILE = "nanovlm_summary.json"      # in storage_path/name: rank 0's summary of the finished run
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Train V2 writes it once a checkpoint exists
 AUTOSCALING_ENV = "NANOVLM_AUTOSCALING"     # "1": the cluster may add nodes, do not refuse a short cluster
 
@@ -54,8 +59,7 @@ def default_storage_path() -> str:
 
 def resolve_storage_path(storage_path: Optional[str]) -> str:
     """An absolute local path, or a URI (s3://, gs://: shared storage for multi-node clusters) as given."""
-    storage = storage_path or default_storage_path()
-    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+    return run_storage.resolve(storage_path or default_storage_path())
 
 
 def check_device_settings(train_cfg: TrainConfig) -> None:
@@ -73,11 +77,13 @@ def absolute_output_dir(train_cfg: TrainConfig) -> TrainConfig:
 
 
 def worker_config(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Optional[str] = None,
-                  tracking_spec: Optional[dict[str, Any]] = None,
-                  resume_from: Optional[str] = None) -> dict[str, Any]:
-    """The `train_loop_config` of `train_worker`: configs_to_dict plus run metadata."""
+                  tracking_spec: Optional[dict[str, Any]] = None, resume_from: Optional[str] = None,
+                  run_location: Optional[str] = None) -> dict[str, Any]:
+    """The `train_loop_config` of `train_worker`: configs_to_dict plus run metadata
+    (`run_location`: storage_path/name, where rank 0 writes the summary)."""
     return {**configs_to_dict(vlm_cfg, train_cfg),
-            "run": {"preset": preset_name, "tracking": tracking_spec, "resume_from": resume_from}}
+            "run": {"preset": preset_name, "tracking": tracking_spec, "resume_from": resume_from,
+                    "location": run_location}}
 
 
 def build_trainer(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, run_name: Optional[str] = None,
@@ -106,19 +112,21 @@ def build_trainer(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, run_name: Optio
 
     train_cfg = absolute_output_dir(train_cfg)
     storage = resolve_storage_path(storage_path or train_cfg.storage_path)
-    resources = {"CPU": train_cfg.cpus_per_worker}
+    name = run_name or tracking.default_run_name(preset_name)
+    resources = {"CPU": train_cfg.cpus_per_worker, **train_cfg.custom_worker_resources()}
     if train_cfg.use_gpu:
         resources["GPU"] = 1
     score_metric, score_order = checkpoint_score or (None, "max")
     return TorchTrainer(
         train_loop_per_worker=train_worker,
         train_loop_config=worker_config(vlm_cfg, train_cfg, preset_name=preset_name, tracking_spec=tracking_spec,
-                                        resume_from=str(Path(resume_from).resolve()) if resume_from else None),
+                                        resume_from=str(Path(resume_from).resolve()) if resume_from else None,
+                                        run_location=run_dir(storage, name)),
         torch_config=LoopbackTorchConfig(backend="nccl" if train_cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=run_name or tracking.default_run_name(preset_name),
+            name=name,
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.checkpoints_to_keep,
                                                checkpoint_score_attribute=score_metric, checkpoint_score_order=score_order),
@@ -156,30 +164,34 @@ def check_cluster_resources(train_cfg: TrainConfig, resources: Optional[dict[str
         if train_cfg.num_workers > have_gpu:
             problems.append(f"num_workers={train_cfg.num_workers} with --gpu needs {train_cfg.num_workers} GPUs "
                             f"(one per worker) but the cluster has {have_gpu:g}.")
+    for name, amount in train_cfg.custom_worker_resources().items():
+        have = float(resources.get(name, 0))
+        if train_cfg.num_workers * amount > have + 1e-9:
+            problems.append(f"worker_resources asks {amount:g} {name!r} per worker, {train_cfg.num_workers * amount:g} "
+                            f"in all, but the cluster's nodes offer {have:g} (`ray start --resources "
+                            f"'{{\"{name}\": N}}'` gives a node some).")
     if problems:
         raise ClusterResourceError(" ".join(problems) + f" (Set {AUTOSCALING_ENV}=1 if the cluster autoscales.)")
 
 
 # ==================================================================== runs
 
-def run_dir(storage: str, name: str) -> Path:
-    return Path(storage).expanduser() / name
+def run_dir(storage: str, name: str) -> str:
+    """The run's location, `storage/name`: a path, or a URI (a string either way)."""
+    return run_storage.join(run_storage.resolve(storage), name)
 
 
 def can_resume(storage: str, name: str) -> bool:
     """True when `storage/name` holds a run with at least one checkpoint."""
-    return (run_dir(storage, name) / SNAPSHOT_FILE).exists()
+    return run_storage.exists(run_storage.join(run_dir(storage, name), SNAPSHOT_FILE))
 
 
 def _load_run_state(storage: str, name: str) -> Optional[dict[str, Any]]:
-    path = run_dir(storage, name) / RUN_STATE_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    return run_storage.read_json(run_storage.join(run_dir(storage, name), RUN_STATE_FILE))
 
 
 def _save_run_state(storage: str, name: str, state: dict[str, Any]) -> None:
-    path = run_dir(storage, name) / RUN_STATE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(state, indent=2) + "\n")
+    run_storage.write_json(run_storage.join(run_dir(storage, name), RUN_STATE_FILE), state)
 
 
 def _worker_input_error(failure: Exception) -> Optional[Exception]:
@@ -217,8 +229,7 @@ def run_training(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Opt
         checkpointing.check_resumable(vlm_cfg, checkpoint)
     storage = resolve_storage_path(train_cfg.storage_path)
     checkpointing.check_output_dir(train_cfg.output_dir)
-    if "://" not in storage:
-        checkpointing.check_writable_dir(storage, f"storage_path={storage!r}", "set another (--set storage_path=DIR)")
+    run_storage.check_writable(storage, f"storage_path={storage!r}", "set another (--set storage_path=DIR or URI)")
     name = run_name or tracking.default_run_name(preset_name)
     uri = tracking.absolute_uri(tracking_uri or tracking.default_tracking_uri()) if track else None
     if uri is not None:
@@ -227,7 +238,7 @@ def run_training(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Opt
     ensure_ray()
     check_cluster_resources(train_cfg)
 
-    previous = _load_run_state(storage, name) if "://" not in storage else None
+    previous = _load_run_state(storage, name)
     resuming = previous is not None and can_resume(storage, name)
     if resuming:
         checkpointing.check_same_model(vlm_cfg, previous.get("config", {}).get("vlm", {}),
@@ -245,9 +256,8 @@ def run_training(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Opt
                                  device_type=device_type, extra={"ray_run_name": name, "ray_storage": storage})
         run_id = tracking.start_training_run(config, uri=uri, run_name=name, tags=tags, run_id=run_id)
         spec = {"uri": uri, "run_id": run_id, "experiment_name": train_cfg.experiment_name}
-    if "://" not in storage:
-        _save_run_state(storage, name, {"config": config, "preset": preset_name,
-                                        "mlflow_run_id": spec and spec["run_id"], "tracking_uri": uri})
+    _save_run_state(storage, name, {"config": config, "preset": preset_name,
+                                    "mlflow_run_id": spec and spec["run_id"], "tracking_uri": uri})
 
     trainer = build_trainer(vlm_cfg, train_cfg, run_name=name, preset_name=preset_name,
                             tracking_spec=spec, storage_path=storage, worker_env=worker_env, resume_from=checkpoint)
@@ -270,14 +280,16 @@ def run_training(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Opt
         if spec is not None:
             pending = end_tracked_run(spec, train_cfg.output_dir, status)
 
-    summary_path = Path(train_cfg.output_dir) / "summary.json"
-    summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    # rank 0's, through the storage: rank 0 may have run on another node
+    summary: dict[str, Any] = run_storage.read_json(run_storage.join(run_dir(storage, name), SUMMARY_FILE)) or {}
     summary.update({
         "run_name": name,
         "storage_path": storage,
-        "ray_path": result.path,
+        "ray_path": run_dir(storage, name),
         "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
-        "ray_checkpoint": result.checkpoint.path if result.checkpoint else None,
+        # a URI on object storage (Ray's own path drops the scheme)
+        "ray_checkpoint": (run_storage.join(run_dir(storage, name), run_storage.basename(result.checkpoint.path))
+                           if result.checkpoint else None),
         "mlflow_run_id": spec and spec["run_id"],
         "tracking_uri": tracking.masked_uri(uri),  # printed by the CLI
         "tracking_pending": str(pending) if pending else None,

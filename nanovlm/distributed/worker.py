@@ -6,7 +6,8 @@
      "run": {"preset": "tiny",                      # for MLflow tags
              "tracking": None | {"uri": ..., "experiment_name": ..., "run_id": ...,
                                  "parent_run_id": ..., "run_name": ..., "tags": {...}},
-             "resume_from": None | "/abs/.../checkpoints/step_000500"}}
+             "resume_from": None | "/abs/.../checkpoints/step_000500",
+             "location": None | "s3://bucket/runs/<name>"}}   # storage_path/name
 
 The configs are validated here, where they enter the worker's process. `resume_from` is the
 checkpoint to start from unless Ray has one of this run (a restarted worker group resumes from
@@ -19,6 +20,9 @@ id travels in the checkpoint's run record, so a restarted worker group keeps log
 same run. `tracking: None` turns MLflow off. Rank 0 only appends each step to the run's journal
 in output_dir (`nanovlm.tracking_journal`), so the other ranks never wait in the all-reduce for
 the store, and a restarted rank 0 logs only the steps its predecessors did not.
+
+At the end rank 0 also writes the loop's summary to `location/nanovlm_summary.json` through
+`nanovlm.storage`, where the driver reads it (rank 0 may have run on another node).
 
 Reports: every `report_interval` steps, after every evaluation, and with every checkpoint.
 Every rank calls `ray.train.report` at the same steps (Train V2 uses it as a barrier); only
@@ -71,7 +75,8 @@ def train_worker(config: dict[str, Any]) -> None:
     vlm_cfg, train_cfg = configs_from_dict({"vlm": config["vlm"], "train": config["train"]})
     vlm_cfg.validate()
     train_cfg.validate()
-    hooks = RayTrainHooks(vlm_cfg, train_cfg, preset=run.get("preset"), tracking_spec=run.get("tracking"))
+    hooks = RayTrainHooks(vlm_cfg, train_cfg, preset=run.get("preset"), tracking_spec=run.get("tracking"),
+                          run_location=run.get("location"))
     try:
         train(vlm_cfg, train_cfg, hooks=hooks, resume_from=run.get("resume_from"), validate=False)
     except BaseException:
@@ -103,7 +108,7 @@ class RayTrainHooks(MlflowHooks):
     through `MlflowHooks` (every rank calls them; the others have no run and log nothing)."""
 
     def __init__(self, vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset: Optional[str] = None,
-                 tracking_spec: Optional[dict[str, Any]] = None):
+                 tracking_spec: Optional[dict[str, Any]] = None, run_location: Optional[str] = None):
         import ray.train
 
         context = ray.train.get_context()
@@ -111,6 +116,7 @@ class RayTrainHooks(MlflowHooks):
         self.world_size = context.get_world_size()
         self.vlm_cfg, self.train_cfg = vlm_cfg, train_cfg
         self.preset = preset
+        self.run_location = run_location
         self._pending: dict[str, float] = {}  # this step's metrics, waiting for the report
         self._download_dir: Optional[tempfile.TemporaryDirectory] = None
         self._ray_checkpoint_dir = self._local_checkpoint(ray.train.get_checkpoint())
@@ -119,7 +125,7 @@ class RayTrainHooks(MlflowHooks):
         run, owns_run = None, False
         if self.rank == 0 and tracking_spec is not None:
             run, owns_run = self._open_mlflow_run(tracking_spec)
-        super().__init__(run, train_cfg.output_dir, owns_run=owns_run,
+        super().__init__(run, train_cfg.output_dir, owns_run=owns_run, register_model=train_cfg.register_model,
                          system_metrics_s=train_cfg.system_metrics_interval, use_cuda=train_cfg.use_gpu)
 
     # ------------------------------------------------------------------ loop contract
@@ -190,6 +196,11 @@ class RayTrainHooks(MlflowHooks):
         if self.reports_skipped:
             logger.info("Rank %d skipped %d metric-only reports (Ray had not read the previous one yet).",
                         self.rank, self.reports_skipped)
+        if self.rank == 0 and self.run_location is not None:
+            from nanovlm import storage
+            from nanovlm.distributed.launcher import SUMMARY_FILE
+
+            storage.write_json(storage.join(self.run_location, SUMMARY_FILE), summary)
         super().on_end(summary)  # artifacts, then close
 
     # ------------------------------------------------------------------ helpers
@@ -268,7 +279,11 @@ class RayTrainHooks(MlflowHooks):
             owns_run = True
         # The journal's thread opens the store (importing MLflow takes about a second) and
         # tells, in a warning, if this node cannot reach it; training does not wait for it.
-        return JournaledRun(run_id, uri, self.train_cfg.output_dir, flush_every=self.train_cfg.log_interval), owns_run
+        run = JournaledRun(run_id, uri, self.train_cfg.output_dir, flush_every=self.train_cfg.log_interval)
+        if self._ray_checkpoint_dir is not None:
+            # what a predecessor (perhaps on a lost node) journalled up to the checkpoint but had not sent
+            run.adopt(self._ray_checkpoint_dir)
+        return run, owns_run
 
 
 class ReportThread:

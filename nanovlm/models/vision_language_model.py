@@ -2,12 +2,12 @@
 
 Image embeddings replace the image placeholder tokens (`image_token_id`) of the prompt, in
 order; everything else is an ordinary causal language model. Checkpoints are a directory with
-`config.json` (`VLMConfig.to_dict()`) and `model.safetensors`, the layout nanoVLM publishes.
+`config.json` (`VLMConfig.to_dict()`) and `model.safetensors`, the layout nanoVLM publishes, with
+the tokenizer, image processor settings and a model card beside them (nanovlm/export/checkpoint_files.py).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import tempfile
@@ -24,8 +24,6 @@ from nanovlm.models.checkpoint import load_weights, save_weights
 from nanovlm.models.language_model import LanguageModel
 from nanovlm.models.modality_projector import ModalityProjector
 from nanovlm.models.vision_transformer import ViT
-
-logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -163,24 +161,24 @@ class VisionLanguageModel(nn.Module):
                                    top_k, top_p, eos_token_id, eos_check_interval, compile)
 
     # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, *, tokenizer=None, **card) -> None:
+        """`config.json` and `model.safetensors`, plus what makes the directory self-contained
+        (nanovlm/export/checkpoint_files.py): the tokenizer (`tokenizer`, else the config's), the
+        image processor's settings and a model card. `card`: `tokenizer_path`, `train_cfg`,
+        `metrics`, `step` (what a training run knows)."""
+        from nanovlm.export.checkpoint_files import write_self_contained_files
+
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
         self.cfg.to_json(path / CONFIG_NAME)
         save_weights(self, path / WEIGHTS_NAME)
+        write_self_contained_files(path, self, tokenizer=tokenizer, **card)
 
     @classmethod
     def from_pretrained(cls, repo_id_or_path: str | os.PathLike, revision: str | None = None) -> "VisionLanguageModel":
         """A local checkpoint directory or a Hub repo id (downloaded with huggingface_hub).
         Directories holding an Idefics3/SmolVLM checkpoint are imported (see `from_idefics3`)."""
-        path = Path(repo_id_or_path)
-        if not path.is_dir():
-            if path.exists() or not HUB_REPO_ID.match(str(repo_id_or_path)):
-                raise FileNotFoundError(f"Checkpoint {repo_id_or_path} is neither a directory with {CONFIG_NAME} "
-                                        f"and {WEIGHTS_NAME} nor a Hub repo id (owner/name).")
-            from huggingface_hub import snapshot_download
-            path = Path(snapshot_download(str(repo_id_or_path), revision=revision,
-                                          allow_patterns=["*.json", "*.safetensors", "*.md"]))
+        path = local_model_dir(repo_id_or_path, revision)
         config_path = path / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"Checkpoint directory {path} has no {CONFIG_NAME}.")
@@ -206,15 +204,27 @@ class VisionLanguageModel(nn.Module):
         return hf_import.load_idefics3(cls, repo_id_or_path, revision=revision)
 
     def push_to_hub(self, repo_id: str, private: bool = False, commit_message: str = "Upload nanoVLM model") -> str:
-        """Create (or reuse) a Hub model repo and upload config, weights and a model card."""
-        from huggingface_hub import create_repo, upload_folder
-        repo_id = create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
+        """Create (or reuse) a Hub model repo and upload this model's self-contained directory
+        (config, weights, tokenizer, image processor settings, model card)."""
+        from nanovlm.export.hub import push_folder
+
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp)
-            (Path(tmp) / "README.md").write_text(model_card(repo_id, self))
-            upload_folder(repo_id=repo_id, repo_type="model", folder_path=tmp, commit_message=commit_message)
-        logger.info("Uploaded %s to https://huggingface.co/%s", type(self).__name__, repo_id)
-        return repo_id
+            return push_folder(tmp, repo_id, private=private, commit_message=commit_message)
+
+
+def local_model_dir(repo_id_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local checkpoint directory as given, or a Hub repo id downloaded (its model files,
+    tokenizer and card) with huggingface_hub."""
+    path = Path(repo_id_or_path)
+    if path.is_dir():
+        return path
+    if path.exists() or not HUB_REPO_ID.match(str(repo_id_or_path)):
+        raise FileNotFoundError(f"Checkpoint {repo_id_or_path} is neither a directory with {CONFIG_NAME} "
+                                f"and {WEIGHTS_NAME} nor a Hub repo id (owner/name).")
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(str(repo_id_or_path), revision=revision,
+                                  allow_patterns=["*.json", "*.safetensors", "*.md", "*.jinja", "*.model"]))
 
 
 def head_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> torch.Tensor:
@@ -228,34 +238,3 @@ def _n_images(images: Images) -> int:
     if isinstance(images, (list, tuple)):
         return sum(_n_images(im) for im in images)
     return images.shape[0] if images.dim() == 4 else 1
-
-
-def model_card(repo_id: str, model: VisionLanguageModel) -> str:
-    cfg = model.cfg
-    n_params = sum(p.numel() for p in model.parameters())
-    return f"""---
-library_name: nanovlm
-license: apache-2.0
-pipeline_tag: image-text-to-text
-tags:
-  - vision-language
-  - multimodal
-  - nanovlm
----
-
-# {repo_id}
-
-A nanoVLM-style vision-language model ({n_params / 1e6:.1f}M parameters) trained with nanovlm-ray:
-a SigLIP-style vision encoder ({cfg.vit_n_blocks} blocks, width {cfg.vit_hidden_dim}, {cfg.vit_img_size} px,
-patch {cfg.vit_patch_size}), a pixel-shuffle projector (factor {cfg.mp_pixel_shuffle_factor},
-{cfg.mp_image_token_length} tokens per image) and a Llama-style decoder ({cfg.lm_n_blocks} blocks, width
-{cfg.lm_hidden_dim}, vocabulary {cfg.lm_vocab_size}). Tokenizer: `{cfg.lm_tokenizer}`.
-
-```python
-from nanovlm.models import VisionLanguageModel
-
-model = VisionLanguageModel.from_pretrained("{repo_id}")
-```
-
-or from the command line: `nanovlm generate --checkpoint {repo_id} --image photo.jpg --prompt "What is in the image?"`
-"""

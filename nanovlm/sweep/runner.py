@@ -6,40 +6,39 @@
     ─ ASHA, PBT or FIFO decide from the reports       return; else TorchTrainer.fit()   step into the
                                                       with TuneReportCallback           child run
 
-Files in the sweep directory `<storage>/<name>-<timestamp>/`: `nanovlm_sweep.json` (the
-space, the parent run, each trial's run id and status: what `--resume` needs), `tune/`
-(Tune's experiment directory), `trials/<trial_id>/` (each trial's output_dir), `train/` (Ray
-Train storage), `results/` (table, best config, plots).
+Files in the sweep directory `<storage>/<name>-<timestamp>/` (a path, or a URI such as
+s3://bucket/sweeps/...; `nanovlm.sweep.state`): `nanovlm_sweep.json` (the space, the parent run,
+each trial's run id and status: what `--resume` needs), `tune/` (Tune's experiment directory),
+`train/` (Ray Train storage), `results/` (table, best config, plots); each node's local copy of
+the sweep directory holds `trials/<trial_id>/` (each trial's output_dir).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
 import os
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from ray.tune import Callback
 
-from nanovlm import tracking
+from nanovlm import storage, tracking
 from nanovlm.config import ConfigError, apply_overrides, configs_to_dict
 from nanovlm.distributed.cluster import ensure_ray
 from nanovlm.distributed.launcher import check_cluster_resources, check_device_settings
 from nanovlm.sweep.results import TrialRecord, best_trial, write_results
-from nanovlm.sweep.space import SweepSpec, parse_space, trial_configs
+from nanovlm.sweep.space import SweepSpec, trial_configs
+from nanovlm.sweep.state import (STATE_FILE, SweepState, as_location, default_storage, find_resumable,  # noqa: F401
+                                 new_sweep_dir, trial_output_dir)
 from nanovlm.sweep.pbt import donor_trial, resume_point, with_pbt_checkpoints
 from nanovlm.sweep.strategies import build_scheduler, build_search
 from nanovlm.tracking_journal import JournaledRun, settle
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "nanovlm_sweep.json"
 # Tune's experiment directory inside the sweep directory. Kept apart from our own files: Tune
 # stages its directory elsewhere and copies it back over the original, so a file of ours in
 # it would be replaced by the stale copy Tune took when a sweep is resumed.
@@ -53,7 +52,7 @@ EXPLORED_TAG = "nanovlm.pbt_explored"   # the configs PBT gave a trial, and the 
 
 @dataclass
 class SweepOutcome:
-    sweep_dir: Path
+    sweep_dir: str | Path                   # a URI on an object store
     parent_run_id: str
     tracking_uri: str
     records: list[TrialRecord]
@@ -61,42 +60,7 @@ class SweepOutcome:
     best: Optional[TrialRecord]
     interrupted: bool = False      # some trials did not finish (Ctrl-C, time budget): --resume continues them
     tracking_pending: list[str] = field(default_factory=list)  # journals MLflow lacks something of
-
-
-# ============================================================================ sweep state file
-
-class SweepState:
-    """`nanovlm_sweep.json`: written by the driver only, read on resume and for the results."""
-
-    def __init__(self, path: Path, data: dict[str, Any]):
-        self.path = path
-        self.data = data
-        self._lock = threading.Lock()
-
-    @classmethod
-    def load(cls, sweep_dir: Path) -> "SweepState":
-        path = sweep_dir / STATE_FILE
-        if not path.exists():
-            raise FileNotFoundError(f"{sweep_dir} is not a nanovlm sweep directory (no {STATE_FILE}).")
-        return cls(path, json.loads(path.read_text()))
-
-    def trial(self, trial_id: str) -> dict[str, Any]:
-        return self.data.setdefault("trials", {}).setdefault(trial_id, {})
-
-    def save(self) -> None:
-        with self._lock:
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.data, indent=2) + "\n")
-            tmp.replace(self.path)
-
-    def spec(self) -> SweepSpec:
-        import yaml
-
-        spec = parse_space(yaml.safe_load(self.data["space_text"]), default_name=self.data["spec_name"],
-                           where=self.data.get("space_path") or STATE_FILE,
-                           extra_overrides=self.data.get("extra_overrides"))
-        spec.source_path, spec.source_text = self.data.get("space_path"), self.data["space_text"]
-        return spec
+    local_dir: Optional[Path] = None        # this node's files of the sweep (the sweep_dir, if a path)
 
 
 # ============================================================================ the trial
@@ -119,8 +83,9 @@ def run_trial(config: dict[str, Any], *, spec: SweepSpec, sweep_dir: str, parent
         # Not a crash of the sweep: the controller's SweepTracker marks the trial invalid.
         ray.tune.report({"invalid": 1.0, "invalid_reason": str(exc)})
         return
-    train_cfg = train_cfg.replace(output_dir=str(Path(sweep_dir) / "trials" / trial_id),
-                                  storage_path=str(Path(sweep_dir) / "train"))
+    train_cfg = train_cfg.replace(output_dir=str(trial_output_dir(sweep_dir, trial_id)),
+                                  storage_path=storage.join(sweep_dir, "train"),
+                                  register_model=None)   # only the best trial's model is registered (_finish_parent)
     # A PBT exploit restarts the trial from another trial's checkpoint.
     train_run, start_from = resume_point(trial_id, Path(train_cfg.output_dir))
     run_id = _find_child_run(tracking_uri, parent_run_id, trial_id)
@@ -170,12 +135,12 @@ class SweepTracker(Callback):
         self._scheduler_stopped: set[str] = set()
 
     def __getstate__(self):  # Tune pickles callbacks with its experiment state
-        return {k: v for k, v in self.__dict__.items() if k != "state"} | {"state_path": str(self.state.path)}
+        return {k: v for k, v in self.__dict__.items() if k != "state"} | {"sweep_dir": str(self.state.sweep_dir)}
 
     def __setstate__(self, data):
-        path = Path(data.pop("state_path"))
+        sweep_dir = data.pop("sweep_dir")
         self.__dict__.update(data)
-        self.state = SweepState.load(path.parent)
+        self.state = SweepState.load(sweep_dir)
 
     # ---- Tune hooks
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -275,7 +240,7 @@ class SweepTracker(Callback):
         # and keeps the status for `nanovlm tracking sync` if the store is down.
         # A stopped trial's workers may not have exited yet: write beside them rather than wait (the
         # sweep settles every trial's journal at its end).
-        run = JournaledRun(entry["run_id"], self.uri, self.state.path.parent / "trials" / trial_id, lock_wait_s=0.0)
+        run = JournaledRun(entry["run_id"], self.uri, trial_output_dir(self.state.sweep_dir, trial_id), lock_wait_s=0.0)
         # the reason is always set, so that a resumed trial loses its earlier "stopped" reason
         run.set_tags({STATUS_TAG: entry["status"], REASON_TAG: (entry.get("reason") or "")[:5000]})
         run.close(mlflow_status)
@@ -297,35 +262,6 @@ def _short(value: Any) -> str:
 
 # ============================================================================ the sweep
 
-def default_storage() -> Path:
-    return tracking.nanovlm_home() / "sweeps"
-
-
-def new_sweep_dir(storage: Path, name: str) -> Path:
-    """Create `<storage>/<name>-<date>-<time>`, or `...-2`, `-3`, ... when sweeps of that name
-    started in the same second: `mkdir` either creates the directory or fails, so concurrent
-    sweeps never share one."""
-    storage.mkdir(parents=True, exist_ok=True)
-    stem = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    for n in itertools.count(1):
-        path = storage / (stem if n == 1 else f"{stem}-{n}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-
-
-def find_resumable(spec_name: str, storage: Path) -> Path:
-    """The most recent sweep directory of `spec_name` under `storage`."""
-    candidates = sorted((p for p in storage.glob(f"{spec_name}-*") if (p / STATE_FILE).exists()),
-                        key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise FileNotFoundError(f"No sweep named {spec_name!r} to resume under {storage}; "
-                                "run it without --resume first, or pass its directory to --resume.")
-    return candidates[-1]
-
-
 def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
               storage_path: Optional[str | Path] = None, tracking_uri: Optional[str] = None,
               ray_address: Optional[str] = None) -> SweepOutcome:
@@ -341,13 +277,17 @@ def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
     # stops are never freed and later trials wait forever.
     ensure_ray(ray_address)
     if resume_dir is not None:
-        sweep_dir = Path(resume_dir).expanduser().resolve()
+        sweep_dir = as_location(resume_dir)
         state = SweepState.load(sweep_dir)
         spec = state.spec()  # the space as it was when the sweep started
     else:
-        storage = Path(storage_path or spec.storage_path or default_storage()).expanduser().resolve()
-        sweep_dir = new_sweep_dir(storage, spec.name)
-        state = SweepState(sweep_dir / STATE_FILE, {
+        root = storage_path or spec.storage_path or default_storage()
+        if spec.scheduler.type == "pbt" and storage.is_uri(storage.resolve(root)):
+            raise ConfigError(f"scheduler pbt hands checkpoints between trials by path: the sweep storage {root} "
+                              "must be a filesystem path (local, or NFS on several nodes), not object storage.")
+        storage.check_writable(storage.resolve(root), f"sweep storage {root}", "pass another --storage-path")
+        sweep_dir = new_sweep_dir(root, spec.name)
+        state = SweepState(storage.join(sweep_dir, STATE_FILE), {
             "spec_name": spec.name, "space_path": spec.source_path, "space_text": spec.source_text or "",
             "extra_overrides": spec.extra_overrides, "trials": {}})
         if not spec.source_text:  # built in code: keep an equivalent file
@@ -356,7 +296,8 @@ def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
     experiment_name = base_train.experiment_name
 
     if "parent_run_id" not in state.data:
-        state.data["parent_run_id"] = _create_parent_run(spec, sweep_dir, uri, experiment_name)
+        state.data["parent_run_id"] = _create_parent_run(spec, state.local_dir, uri, experiment_name,
+                                                         location=sweep_dir)
         state.data["tracking_uri"] = uri
         state.save()
     parent = tracking.TrackingRun(state.data["parent_run_id"], uri)
@@ -372,10 +313,10 @@ def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
     tracker = SweepTracker(spec, state, uri, experiment_name)
     interrupted = False
     try:
-        if resume_dir is not None and tune.Tuner.can_restore(str(sweep_dir / TUNE_DIRNAME)):
+        if resume_dir is not None and tune.Tuner.can_restore(storage.join(sweep_dir, TUNE_DIRNAME)):
             logger.info("Resuming sweep %s (finished trials are kept, unfinished ones continue)", sweep_dir)
-            tuner = tune.Tuner.restore(str(sweep_dir / TUNE_DIRNAME), trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False, restart_errored=False)
+            tuner = tune.Tuner.restore(storage.join(sweep_dir, TUNE_DIRNAME), trainable=trainable,
+                                       resume_unfinished=True, resume_errored=False, restart_errored=False)
         else:
             tuner = tune.Tuner(
                 trainable,
@@ -399,16 +340,18 @@ def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
     interrupted = interrupted or any(r.status == "stopped" for r in records)
     if interrupted:
         logger.warning("Not every trial finished; resume with: nanovlm sweep --resume %s", sweep_dir)
-    files = write_results(records, spec, sweep_dir / "results")
+    files = write_results(records, spec, state.local_dir / "results")
+    storage.upload_dir(state.local_dir / "results", storage.join(sweep_dir, "results"))
     best = best_trial(records, spec.metric, spec.mode)
-    _finish_parent(JournaledRun(parent.run_id, uri, sweep_dir), spec, records, best, files, interrupted)
-    pending = settle(sweep_dir)
+    _finish_parent(JournaledRun(parent.run_id, uri, state.local_dir), spec, records, best, files, interrupted,
+                   state.local_dir)
+    pending = settle(state.local_dir)
     if pending:
         logger.warning("MLflow store %s did not take everything; the rest waits in %d journal(s) under %s. "
-                       "Send it with: nanovlm tracking sync %s", tracking.masked_uri(uri), len(pending), sweep_dir,
-                       sweep_dir)
+                       "Send it with: nanovlm tracking sync %s", tracking.masked_uri(uri), len(pending),
+                       state.local_dir, state.local_dir)
     return SweepOutcome(sweep_dir, state.data["parent_run_id"], uri, records, files, best, interrupted,
-                        tracking_pending=[str(p) for p in pending])
+                        tracking_pending=[str(p) for p in pending], local_dir=state.local_dir)
 
 
 def _resources_minus_driver(driver_cpus: float) -> dict[str, float]:
@@ -449,7 +392,10 @@ def _is_nan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def _create_parent_run(spec: SweepSpec, sweep_dir: Path, uri: str, experiment_name: str) -> str:
+def _create_parent_run(spec: SweepSpec, sweep_dir: Path, uri: str, experiment_name: str, *,
+                       location: Optional[str | Path] = None) -> str:
+    """The sweep's MLflow parent run; `sweep_dir` is where space.yaml is written (the local
+    directory), `location` the sweep directory to tag it with (default `sweep_dir`)."""
     from mlflow.entities import Param
 
     vlm, train = spec.base_configs()
@@ -457,7 +403,7 @@ def _create_parent_run(spec: SweepSpec, sweep_dir: Path, uri: str, experiment_na
     tags = tracking.run_tags(config, preset=spec.preset, world_size=train.num_workers,
                              device_type="cuda" if train.use_gpu else "cpu",
                              extra={SWEEP_TAG: spec.name, "nanovlm.kind": "sweep",
-                                    "nanovlm.sweep_dir": str(sweep_dir), "nanovlm.metric": spec.metric,
+                                    "nanovlm.sweep_dir": str(location or sweep_dir), "nanovlm.metric": spec.metric,
                                     "nanovlm.mode": spec.mode})
     client = tracking._client(uri)
     experiment_id = tracking.get_or_create_experiment(uri, experiment_name)
@@ -468,6 +414,7 @@ def _create_parent_run(spec: SweepSpec, sweep_dir: Path, uri: str, experiment_na
               **{f"space.{k}": d.describe() for k, d in spec.space.items()},
               **{f"fixed.{k}": v for k, v in spec.overrides.items()}}
     client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    sweep_dir.mkdir(parents=True, exist_ok=True)
     space_file = sweep_dir / "space.yaml"
     space_file.write_text(spec.source_text or _spec_as_yaml(spec))
     client.log_artifact(run.info.run_id, str(space_file))
@@ -477,7 +424,7 @@ def _create_parent_run(spec: SweepSpec, sweep_dir: Path, uri: str, experiment_na
 
 
 def _finish_parent(parent: JournaledRun, spec: SweepSpec, records: list[TrialRecord],
-                   best: Optional[TrialRecord], files: dict[str, Path], interrupted: bool) -> None:
+                   best: Optional[TrialRecord], files: dict[str, Path], interrupted: bool, local_dir: Path) -> None:
     counts: dict[str, int] = {}
     for record in records:
         counts[record.status] = counts.get(record.status, 0) + 1
@@ -497,6 +444,15 @@ def _finish_parent(parent: JournaledRun, spec: SweepSpec, records: list[TrialRec
     parent.set_tags(tags)
     for path in files.values():
         parent.log_artifact(path)
+    register = spec.base_configs()[1].register_model
+    if register and best is not None:
+        # The best trial's final model, as an MLflow model of the parent run, registered under that name
+        # (from this node's copy of the trial: on object storage, a trial that ran on this node).
+        from nanovlm.training.checkpointing import latest_checkpoint
+
+        checkpoint = latest_checkpoint(local_dir / "trials" / best.trial_id)
+        if checkpoint is not None:
+            parent.log_model(checkpoint, register)
     parent.close("KILLED" if interrupted else "FINISHED")
 
 

@@ -2,7 +2,8 @@
 
 Layout of `output_dir/checkpoints/step_000500/`:
 
-    config.json, model.safetensors   model.save_pretrained (so `from_pretrained(dir)` loads it)
+    config.json, model.safetensors   model.save_pretrained (so `from_pretrained(dir)` loads it), with
+    tokenizer files, image_processor.json, README.md   the tokenizer, image settings and model card
     train_state.pt                   step, optimizer, scheduler, RNG states, data position
     train_config.json                the run's TrainConfig
 
@@ -108,7 +109,9 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module,
     tmp = root / f".tmp_{step_dir_name(step)}_{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        model.save_pretrained(tmp)
+        # self-contained (nanovlm/export/checkpoint_files.py): the run's tokenizer, its data and metrics in the card
+        model.save_pretrained(tmp, tokenizer_path=train_cfg.tokenizer_path, train_cfg=train_cfg,
+                              metrics=(extra or {}).get("metrics"), step=step)
         state = {
             "step": step,
             "optimizer": optimizer.state_dict(),

@@ -36,7 +36,7 @@ from nanovlm.config import ConfigError, TrainConfig, VLMConfig, configs_to_dict
 from nanovlm.training import checkpointing
 from nanovlm.training.evaluation import evaluate
 from nanovlm.training.hooks import TrainHooks
-from nanovlm.training.metrics import measured_peak_flops, step_metrics, vlm_flops
+from nanovlm.training.metrics import global_sum, measured_peak_flops, step_metrics, vlm_flops
 from nanovlm.training.optim import (build_optimizer, build_scheduler, current_lrs, load_optimizer_state,
                                     trainable_parameters)
 from nanovlm.training.sampling import PackedBatchSampler, ResumableBatchSampler
@@ -199,6 +199,7 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None =
     entered the process (the front doors, a Ray worker) pass False.
     """
     from nanovlm.data import VQACollator, build_datasets, get_tokenizer
+    from nanovlm.data.local_files import DatasetError
 
     wall_start = time.perf_counter()
     hooks = hooks or TrainHooks()
@@ -236,12 +237,13 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None =
     logger.info("Model: %.2fM parameters (%.2fM trainable) on %s, autocast %s.", n_params / 1e6,
                 sum(p.numel() for p in params) / 1e6, device, amp_dtype or "off (fp32)")
 
-    start_step, batches_consumed, rng_state = 0, 0, None
+    start_step, batches_consumed, rng_state, data_position = 0, 0, None, None
     if resume_dir is not None:
         state = checkpointing.load_train_state(resume_dir)
         load_optimizer_state(optimizer, scheduler, state["optimizer"], state["scheduler"], train_cfg)
         start_step = int(state["step"])
-        batches_consumed = int(state["data_position"]["batches_consumed"])
+        data_position = state["data_position"]
+        batches_consumed = int(data_position["batches_consumed"])
         rng_state = state["rng"]  # restored last, right before the first step
         logger.info("Resumed from %s at step %d (%d batches consumed).", resume_dir, start_step, batches_consumed)
 
@@ -256,7 +258,12 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None =
     datasets = build_datasets(vlm_cfg, train_cfg, tokenizer, rank, world_size)
     train_ds, val_ds = datasets.train, datasets.val
     collator = VQACollator(tokenizer, vlm_cfg.lm_max_length)   # evaluation's, and training's unless packing
-    if train_cfg.packing:
+    if datasets.streaming:   # the position is the stream's own (docs/data.md, Map-style and streamed)
+        train_items, sampler, train_collate = train_ds.loader_parts(collator, data_position)
+    elif data_position is not None and "stream" in data_position:
+        raise DatasetError("The checkpoint was written by streamed training (its data position is a place in the "
+                           "stream); resume it with stream_dataset=true.")
+    elif train_cfg.packing:
         train_items, sampler, train_collate = _packed_training_data(
             train_ds, vlm_cfg, train_cfg, tokenizer, datasets.sampler_rank, datasets.sampler_world_size,
             batches_consumed)
@@ -306,6 +313,7 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None =
     eval_metrics: dict[str, float] = {}
     last_checkpoint: Path | None = resume_dir
     totals = {"tokens": 0.0, "samples": 0.0, "images": 0.0, "time": 0.0, "flops_time": 0.0}
+    skipped_at_load = 0   # streamed rows whose images did not decode (counted in the loader's workers)
     accumulation = train_cfg.gradient_accumulation_steps
     bar = _progress_bar(train_cfg.max_training_steps, start_step, rank)
     try:
@@ -319,6 +327,11 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None =
             for micro in range(accumulation):
                 wait_start = time.perf_counter()
                 batch = _to_device(next(batches), device)
+                skipped_at_load += batch.pop("skipped_at_load", 0)
+                while "input_ids" not in batch:   # streamed: not one image of the batch decoded
+                    batches_consumed += 1
+                    batch = _to_device(next(batches), device)
+                    skipped_at_load += batch.pop("skipped_at_load", 0)
                 data_wait += time.perf_counter() - wait_start
                 position = sampler.position(batches_consumed)
                 batches_consumed += 1
@@ -396,6 +409,7 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None =
 
     summary = _summary(vlm_cfg, train_cfg, step, start_step, time.perf_counter() - wall_start, last_metrics,
                        eval_metrics, totals, last_checkpoint, resume_dir, _chance(train_cfg))
+    summary["data"] = datasets.report(sampler, skipped_at_load, rank, lambda values: global_sum(values, device))
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

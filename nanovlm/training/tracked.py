@@ -4,8 +4,10 @@
 A run is tracked the same way on both routes: the process that starts it checks the store,
 then creates the MLflow run (or, resuming, reopens the one the checkpoint's run record names);
 the loop's hooks log metrics by step, write the run record into each checkpoint, and log the
-final checkpoint and summary.json as artifacts. In one process `MlflowHooks` are the hooks; on
-Ray Train, `RayTrainHooks` extends them (rank 0 logs, the driver creates and closes the run).
+data counts (`data_*` metrics at the last step), the final checkpoint and summary.json as
+artifacts, and the final model as an MLflow model (registered under `TrainConfig.register_model`
+if set; nanovlm/export/mlflow_model.py). In one process `MlflowHooks` are the hooks; on Ray
+Train, `RayTrainHooks` extends them (rank 0 logs, the driver creates and closes the run).
 The loop itself (loop.py) knows nothing of MLflow.
 
 Logging goes through the run's journal in output_dir (`nanovlm.tracking_journal`): a step costs
@@ -41,10 +43,11 @@ class MlflowHooks(TrainHooks):
     After `close`, `pending` is the journal directory holding what the store did not take, or None."""
 
     def __init__(self, run: Optional[JournaledRun], output_dir: str | Path, *, owns_run: bool,
-                 system_metrics_s: float = 0.0, use_cuda: bool = False):
+                 register_model: Optional[str] = None, system_metrics_s: float = 0.0, use_cuda: bool = False):
         self.run = run
         self.output_dir = Path(output_dir)
         self.owns_run = owns_run
+        self.register_model = register_model   # MLflow registry name for the final model, if any
         self.pending: Optional[Path] = None
         self.use_cuda = use_cuda
         self.sampler = SystemMetricsSampler(system_metrics_s, use_cuda) if run is not None else None
@@ -63,14 +66,18 @@ class MlflowHooks(TrainHooks):
         if self.run is not None:
             if checkpoint_dir is not None:
                 tracking.write_run_record(checkpoint_dir, self.run.run_id, self.run.uri)
+                self.run.save_unsent(checkpoint_dir)  # for a successor on another node
             self.run.checkpoint()
 
     def on_end(self, summary: dict[str, Any]) -> None:
         if self.run is not None:
             if self.sampler.interval_s > 0:
                 self.run.log_metrics(system_metrics.sample(self.use_cuda), self.last_step)
+            if summary.get("data"):
+                self.run.log_metrics(data_metrics(summary["data"]), summary["steps"])
             if summary.get("checkpoint"):
                 self.run.log_artifacts(summary["checkpoint"], "checkpoint")
+                self.run.log_model(summary["checkpoint"], self.register_model)   # a pyfunc (docs/export.md)
             if (self.output_dir / "summary.json").exists():
                 self.run.log_artifact(self.output_dir / "summary.json")
         self.close("FINISHED")
@@ -82,6 +89,16 @@ class MlflowHooks(TrainHooks):
             self.sampler.stop()
             self.pending = self.run.close(status if self.owns_run else None, deadline)
             self.run = None
+
+
+def data_metrics(data: dict[str, Any]) -> dict[str, float]:
+    """The summary's data counts as MLflow metrics: `data_rows_scanned`, `data_rows_streamed`,
+    `data_skipped_total` and `data_skipped_<reason>` (every reason, 0 included)."""
+    from nanovlm.data.samples import SKIP_FIXES
+
+    metrics = {f"data_{key}": float(data[key]) for key in ("rows_scanned", "rows_streamed", "skipped_total")}
+    metrics.update({f"data_skipped_{reason}": float(data["skipped"].get(reason, 0)) for reason in SKIP_FIXES})
+    return metrics
 
 
 def train_tracked(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Optional[str] = None,
@@ -115,7 +132,7 @@ def train_tracked(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Op
             config, uri=uri, run_name=run_name or tracking.default_run_name(preset_name), tags=tags,
             run_id=tracking.recorded_run_id(checkpoint, uri) if checkpoint is not None else None)
         run = JournaledRun(run_id, uri, train_cfg.output_dir, flush_every=train_cfg.log_interval)
-    hooks = MlflowHooks(run, train_cfg.output_dir, owns_run=True,
+    hooks = MlflowHooks(run, train_cfg.output_dir, owns_run=True, register_model=train_cfg.register_model,
                         system_metrics_s=train_cfg.system_metrics_interval, use_cuda=device.type == "cuda")
     try:
         summary = train(vlm_cfg, train_cfg, hooks=hooks, resume_from=checkpoint, validate=False)
