@@ -136,6 +136,15 @@ def test_search_and_scheduler_combinations_that_cannot_work_are_refused(changes,
         parse_space(data)
 
 
+def test_pbt_on_object_storage_is_refused_before_ray_starts():
+    from nanovlm.sweep.runner import run_sweep
+
+    spec = parse_space(_space(overrides={"max_training_steps": 200, "checkpoint_interval": 50},
+                              space={"lr_mp": {"grid": [1.0e-4, 1.0e-3]}}, scheduler=_pbt()))
+    with pytest.raises(ConfigError, match="scheduler pbt hands checkpoints between trials by path.*s3://bucket/sweeps"):
+        run_sweep(spec, storage_path="s3://bucket/sweeps", tracking_uri="sqlite:////nonexistent/mlflow.db")
+
+
 def test_pbt_pauses_trials_to_share_slots_only_when_the_population_exceeds_them():
     from nanovlm.sweep.strategies import build_scheduler
 

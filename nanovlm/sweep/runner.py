@@ -268,6 +268,10 @@ def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
     """Run `spec` (or resume the sweep in `resume_dir`) and write its results."""
     from ray import tune
 
+    root = storage_path or spec.storage_path or default_storage()
+    if resume_dir is None and spec.scheduler.type == "pbt" and storage.is_uri(storage.resolve(root)):
+        raise ConfigError(f"scheduler pbt hands checkpoints between trials by path: the sweep storage {root} "
+                          "must be a filesystem path (local, or NFS on several nodes), not object storage.")
     uri = tracking.check_tracking_store(tracking_uri)
     # Tune checks that every result holds the metric; Train reports between evaluations hold
     # only step metrics, and invalid trials none. ASHA itself skips results without it.
@@ -281,10 +285,6 @@ def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
         state = SweepState.load(sweep_dir)
         spec = state.spec()  # the space as it was when the sweep started
     else:
-        root = storage_path or spec.storage_path or default_storage()
-        if spec.scheduler.type == "pbt" and storage.is_uri(storage.resolve(root)):
-            raise ConfigError(f"scheduler pbt hands checkpoints between trials by path: the sweep storage {root} "
-                              "must be a filesystem path (local, or NFS on several nodes), not object storage.")
         storage.check_writable(storage.resolve(root), f"sweep storage {root}", "pass another --storage-path")
         sweep_dir = new_sweep_dir(root, spec.name)
         state = SweepState(storage.join(sweep_dir, STATE_FILE), {
