@@ -268,8 +268,8 @@ def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
     """Run `spec` (or resume the sweep in `resume_dir`) and write its results."""
     from ray import tune
 
-    root = storage_path or spec.storage_path or default_storage()
-    if resume_dir is None and spec.scheduler.type == "pbt" and storage.is_uri(storage.resolve(root)):
+    root = None if resume_dir is not None else storage_path or spec.storage_path or default_storage()
+    if root is not None and spec.scheduler.type == "pbt" and storage.is_uri(storage.resolve(root)):
         raise ConfigError(f"scheduler pbt hands checkpoints between trials by path: the sweep storage {root} "
                           "must be a filesystem path (local, or NFS on several nodes), not object storage.")
     uri = tracking.check_tracking_store(tracking_uri)
