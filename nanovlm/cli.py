@@ -25,6 +25,7 @@ from nanovlm.config import ConfigError
 SUBCOMMANDS = {
     "train": "train a model, tracked in MLflow (one process, or Ray Train with --num-workers N or --gpu)",
     "generate": "answer a prompt about an image with a checkpoint",
+    "eval": "score a checkpoint on benchmarks (MMStar, ScienceQA, AI2D, TextVQA, ChartQA, DocVQA) as lmms-eval does",
     "export": "write a checkpoint for other tools: transformers (Idefics3) or a self-contained nanovlm directory",
     "push": "upload a checkpoint (or its transformers export) to the Hugging Face Hub",
     "config": "print a preset's full config, with overrides applied",

@@ -334,6 +334,9 @@ class TrainConfig(_Serialised):
     system_metrics_interval: float = 10.0  # seconds between CPU/memory/GPU samples in the MLflow run; 0: none
     checkpoint_interval: int = 500
     max_new_tokens_eval: int = 8
+    eval_tasks: str = ""                  # benchmarks at each evaluation: "mmstar" or "mmstar:300,textvqa" (docs/eval.md)
+    eval_tasks_limit: Optional[int] = 200 # questions per task at each evaluation, unless the task gives :N; None: all
+    eval_tasks_datasets: dict[str, str] = field(default_factory=dict)  # task -> local copy or Hub id ("shapes": mmstar)
     output_dir: str = "runs/latest"
     resume_from_vlm_checkpoint: Optional[str] = None  # a VLM checkpoint dir to start from
     peak_flops: Optional[float] = None    # FLOP/s for MFU; None -> measured matmul peak of the device
@@ -387,6 +390,7 @@ class TrainConfig(_Serialised):
         errors += _dataset_errors(self)
         if self.lr_mp == self.lr_vision_backbone == self.lr_language_backbone == 0:
             errors.append("lr_mp, lr_vision_backbone and lr_language_backbone are all 0: nothing would train.")
+        errors += _eval_task_errors(self)
         if errors:
             raise ConfigError("Invalid TrainConfig:\n  " + "\n  ".join(errors))
         return self
@@ -407,6 +411,23 @@ class TrainConfig(_Serialised):
                                  "e.g. worker_resources=node_slot=1.")
             resources[name.strip()] = value
         return resources
+
+
+def _eval_task_errors(train: TrainConfig) -> list[str]:
+    """What is wrong with the eval_tasks fields (unknown tasks, a bad limit), as messages."""
+    if train.eval_tasks_limit is not None and train.eval_tasks_limit <= 0:
+        return [f"eval_tasks_limit={train.eval_tasks_limit} must be positive (or None for every question)."]
+    if not train.eval_tasks.strip():
+        return [f"eval_tasks_datasets={train.eval_tasks_datasets} is set but eval_tasks is empty; name the tasks "
+                "in eval_tasks."] if train.eval_tasks_datasets else []
+    from nanovlm.eval.tasks import parse_task_list   # the task names live with the tasks
+
+    try:
+        names = {task.name for task, _ in parse_task_list(train.eval_tasks, what="eval_tasks")}
+    except ConfigError as exc:
+        return [str(exc)]
+    unused = sorted(set(train.eval_tasks_datasets) - names)
+    return [f"eval_tasks_datasets names {unused}, which eval_tasks={train.eval_tasks!r} does not run."] if unused else []
 
 
 class DatasetEntry(typing.NamedTuple):

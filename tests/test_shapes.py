@@ -115,3 +115,44 @@ def test_hf_dataset_holds_the_same_rows(tmp_path):
         assert dataset[i]["texts"] == rows[i]["texts"]
         assert dataset[i]["question_type"] == rows[i]["question_type"]
         assert image_digest(dataset[i]["images"][0].convert("RGB")) == image_digest(rows[i]["images"][0])
+
+
+# ------------------------------------------------------------------ multiple choice (MMStar's format)
+
+def _options(question):
+    """'...\nOptions: A: red, B: blue' -> {'A': 'red', 'B': 'blue'}"""
+    listed = question.split("\nOptions: ")[1]
+    return dict(item.split(": ", 1) for item in listed.split(", "))
+
+
+@pytest.mark.parametrize("attribute", ["colour", "shape", "size", "position"])
+def test_choice_questions_list_options_in_order_with_the_answer_at_its_letter(attribute):
+    types = shapes.parse_question_types(f"{attribute},choice")
+    values = shapes.CHOICE_OPTIONS[attribute]
+    letters_seen = set()
+    for index in range(200):
+        sample = generate_sample(5, "train", index, 1, types, 48)
+        if sample.question_type != shapes.CHOICE:
+            continue
+        options = _options(sample.question)
+        assert list(options) == list("ABCD"[:min(4, len(values))])
+        assert [values.index(v) for v in options.values()] == sorted(values.index(v) for v in options.values())
+        assert options[sample.answer] == getattr(sample.objects[0], attribute)   # the truth, from the scene
+        assert sample.category == attribute
+        letters_seen.add(sample.answer)
+    assert len(letters_seen) == min(4, len(values))
+
+
+def test_choice_training_rows_end_with_the_mmstar_post_prompt_and_answer_a_letter():
+    rows = ShapesRows("train", 50, seed=2, question_types="colour,choice", img_size=32)
+    choice = [rows[i] for i in range(50) if rows[i]["question_type"] == "choice"]
+    assert choice
+    for row in choice:
+        assert row["texts"][0]["user"].endswith("\nAnswer with the option's letter from the given choices directly")
+        assert row["answer"] in "ABCD" and row["texts"][0]["assistant"] == row["answer"]
+
+
+def test_choice_is_asked_only_when_named():
+    assert shapes.CHOICE not in shapes.parse_question_types("all")
+    assert shapes.parse_question_types("colour,choice") == ("colour", "choice")
+    assert uniform_chance(1, "size,choice")["choice"] == 0.5   # two sizes: two options

@@ -7,6 +7,11 @@ hash falls in (`SPLIT_BUCKETS`), and a generator for one split redraws until it 
 own. Answers are drawn uniformly per question type, so guessing the majority answer scores about
 1 / (number of answers); `chance_per_type` measures it.
 
+The `choice` question type (named explicitly; not part of "all") asks one of the other questions
+as multiple choice in MMStar's format: the options in the question ("Options: A: red, B: blue,
+..."), a letter as the answer, and the asked attribute as its category; the training row appends
+lmms-eval's MMStar post-prompt, so a model trained on it answers `nanovlm eval --task mmstar`.
+
 Rows follow the nanoVLM schema: `images` [PIL], `texts` [{user, assistant}], plus
 `question_type` and `answer`. `ShapesRows` generates them lazily (for training);
 `shapes_dataset` materialises a split as a Hugging Face `datasets.Dataset`.
@@ -35,6 +40,14 @@ POSITIONS = ("top left", "top", "top right", "left", "middle", "right",
              "bottom left", "bottom", "bottom right")  # 3x3 grid, row-major
 QUESTION_TYPES = ("colour", "shape", "position", "size", "count", "exists", "caption")
 MAX_OBJECTS = len(POSITIONS)
+# Multiple choice: asked only when named ("all" keeps the open questions, and with them the data
+# and the shapes-bpe tokenizers as they were). Its options are the values of the asked attribute.
+CHOICE = "choice"
+CHOICE_OPTIONS = {"colour": tuple(COLOURS), "shape": SHAPES, "position": POSITIONS, "size": SIZES,
+                  "count": tuple(str(n) for n in range(1, MAX_OBJECTS + 1))}
+CHOICE_LETTERS = "ABCD"
+# lmms-eval's MMStar post-prompt (tasks/mmstar/_default_template_yaml), appended to training rows.
+CHOICE_INSTRUCTION = "\nAnswer with the option's letter from the given choices directly"
 
 # A scene's split is its content hash modulo 100, in [lo, hi).
 SPLIT_BUCKETS = {"train": (0, 80), "validation": (80, 90), "test": (90, 100)}
@@ -72,18 +85,19 @@ class ShapesSample:
     question_type: str
     question: str
     answer: str
+    category: str = ""   # choice questions: the attribute asked about (else the question type)
 
 
 def parse_question_types(spec: str | Sequence[str]) -> tuple[str, ...]:
-    """'all' or a comma-separated subset of QUESTION_TYPES (e.g. 'colour,shape')."""
+    """'all' or a comma-separated subset of QUESTION_TYPES and CHOICE (e.g. 'colour,shape,choice')."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     names = [n.strip() for n in names if n.strip()]
     if names == ["all"]:
         return QUESTION_TYPES
-    unknown = [n for n in names if n not in QUESTION_TYPES]
+    unknown = [n for n in names if n not in (*QUESTION_TYPES, CHOICE)]
     if unknown or not names:
         raise ValueError(f"shapes_question_types={spec!r}: unknown types {unknown}; use 'all' or a "
-                         f"comma-separated subset of {list(QUESTION_TYPES)}.")
+                         f"comma-separated subset of {[*QUESTION_TYPES, CHOICE]}.")
     return tuple(dict.fromkeys(names))
 
 
@@ -169,6 +183,8 @@ def _article(word: str) -> str:
 def _question(rng: random.Random, objects: tuple[ShapeObject, ...],
               question_types: tuple[str, ...]) -> ShapesSample:
     qtype = rng.choice(question_types)
+    if qtype == CHOICE:
+        return _choice_question(rng, objects, question_types)
     target = rng.choice(objects)
     single = len(objects) == 1
     name = f"{target.colour} {target.shape}"
@@ -197,7 +213,31 @@ def _question(rng: random.Random, objects: tuple[ShapeObject, ...],
         answer = " and ".join(o.describe() for o in sorted(objects, key=lambda o: o.cell))
     else:
         raise ValueError(f"unknown question type {qtype!r}; valid: {list(QUESTION_TYPES)}")
-    return ShapesSample(objects, qtype, question, answer)
+    return ShapesSample(objects, qtype, question, answer, qtype)
+
+
+def choice_attributes(question_types: Sequence[str]) -> tuple[str, ...]:
+    """What choice questions ask about: the other selected types that have options, else all of them."""
+    return tuple(t for t in question_types if t in CHOICE_OPTIONS) or tuple(CHOICE_OPTIONS)
+
+
+def _choice_question(rng: random.Random, objects: tuple[ShapeObject, ...],
+                     question_types: tuple[str, ...]) -> ShapesSample:
+    """An open question of an attribute with options, as MMStar writes them: the right value and
+    up to three others drawn uniformly, listed in the attribute's own order (as exams list numbers
+    in order). The right letter then depends on the image and on the other options: a model that
+    ignores the options guesses it right about half the time, one that reads them always. A small
+    model learns that in a few hundred steps; options in a random order were not learned in 1500
+    (docs/eval.md)."""
+    attribute = rng.choice(choice_attributes(question_types))
+    open_question = _question(rng, objects, (attribute,))
+    values = CHOICE_OPTIONS[attribute]
+    wrong = [v for v in values if v != open_question.answer]
+    options = rng.sample(wrong, min(len(CHOICE_LETTERS) - 1, len(wrong))) + [open_question.answer]
+    options.sort(key=values.index)
+    listed = ", ".join(f"{letter}: {value}" for letter, value in zip(CHOICE_LETTERS, options))
+    answer = CHOICE_LETTERS[options.index(open_question.answer)]
+    return ShapesSample(objects, CHOICE, f"{open_question.question}\nOptions: {listed}", answer, attribute)
 
 
 # ==================================================================== drawing
@@ -240,8 +280,9 @@ _OUTLINES = {
 # ==================================================================== rows
 
 def sample_to_row(sample: ShapesSample, img_size: int = 64, with_image: bool = True) -> dict[str, Any]:
+    user = sample.question + (CHOICE_INSTRUCTION if sample.question_type == CHOICE else "")
     row: dict[str, Any] = {
-        "texts": [{"user": sample.question, "assistant": sample.answer}],
+        "texts": [{"user": user, "assistant": sample.answer}],
         "question_type": sample.question_type,
         "answer": sample.answer,
     }
@@ -334,7 +375,12 @@ def uniform_chance(max_objects: int = 1, question_types: str | Sequence[str] = "
         captions += count
     answers = {"colour": len(COLOURS), "shape": len(SHAPES), "position": MAX_OBJECTS,
                "size": len(SIZES), "count": max_objects, "exists": 2, "caption": captions}
-    return {t: 1.0 / answers[t] for t in parse_question_types(question_types)}
+    types = parse_question_types(question_types)
+    chance = {t: 1.0 / answers[t] for t in types if t != CHOICE}
+    if CHOICE in types:   # the mean over the attributes asked, each with up to four options
+        options = [min(len(CHOICE_LETTERS), len(CHOICE_OPTIONS[a])) for a in choice_attributes(types)]
+        chance[CHOICE] = sum(1.0 / n for n in options) / len(options)
+    return chance
 
 
 @lru_cache(maxsize=32)

@@ -279,6 +279,11 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None =
         generator=torch.Generator().manual_seed(train_cfg.seed))
     batches = iter(loader)
 
+    benchmarks = None
+    if train_cfg.eval_tasks:   # docs/eval.md; questions loaded now, so a missing dataset fails before training
+        from nanovlm.eval.in_training import TrainingBenchmarks
+        benchmarks = TrainingBenchmarks(vlm_cfg, train_cfg)
+
     peak = train_cfg.peak_flops or measured_peak_flops(device, amp_dtype or torch.float32)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -286,12 +291,16 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, hooks: TrainHooks | None =
         checkpointing.restore_rng_state(rng_state)
 
     def run_eval(at_step: int) -> dict[str, float]:
-        if val_ds is None:
+        if val_ds is None and benchmarks is None:
             logger.warning("No validation set: step %d is not evaluated.", at_step)
             return {}
-        result = evaluate(model, val_ds, collator, tokenizer, eval_samples=train_cfg.eval_samples,
-                          batch_size=train_cfg.batch_size, max_new_tokens=train_cfg.max_new_tokens_eval,
-                          device=device, autocast=autocast, rank=rank, world_size=world_size)
+        result = {} if val_ds is None else evaluate(
+            model, val_ds, collator, tokenizer, eval_samples=train_cfg.eval_samples, batch_size=train_cfg.batch_size,
+            max_new_tokens=train_cfg.max_new_tokens_eval, device=device, autocast=autocast, rank=rank,
+            world_size=world_size)
+        if benchmarks is not None:
+            result.update(benchmarks(model, tokenizer, batch_size=train_cfg.batch_size, device=device,
+                                     autocast=autocast, rank=rank, world_size=world_size))
         logger.info("step %d eval: %s", at_step, "  ".join(f"{k}={v:.4f}" for k, v in result.items()))
         hooks.on_eval(at_step, result)
         return result
