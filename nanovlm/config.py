@@ -331,6 +331,7 @@ class TrainConfig(_Serialised):
     eval_interval: int = 250
     eval_samples: int = 256               # validation samples for loss and answer accuracy
     log_interval: int = 10
+    system_metrics_interval: float = 10.0  # seconds between CPU/memory/GPU samples in the MLflow run; 0: none
     checkpoint_interval: int = 500
     max_new_tokens_eval: int = 8
     eval_tasks: str = ""                  # benchmarks at each evaluation: "mmstar" or "mmstar:300,textvqa" (docs/eval.md)
@@ -384,6 +385,8 @@ class TrainConfig(_Serialised):
             errors.append(f"max_images_per_knapsack={self.max_images_per_knapsack} must be positive.")
         if self.peak_flops is not None and self.peak_flops <= 0:
             errors.append(f"peak_flops={self.peak_flops} must be positive (or None to measure it).")
+        if self.system_metrics_interval < 0:
+            errors.append(f"system_metrics_interval={self.system_metrics_interval} must be >= 0 (0 turns it off).")
         errors += _dataset_errors(self)
         if self.lr_mp == self.lr_vision_backbone == self.lr_language_backbone == 0:
             errors.append("lr_mp, lr_vision_backbone and lr_language_backbone are all 0: nothing would train.")

@@ -51,6 +51,12 @@ def test_server_command_binds_loopback_with_one_worker():
     assert command[command.index("--artifacts-destination") + 1] == Path("/tmp/x/mlartifacts").as_uri()
 
 
+def test_server_command_takes_an_artifacts_destination_on_object_storage():
+    command = server_command("sqlite:////tmp/x/mlflow.db", 5001, artifacts="s3://bucket/mlflow")
+    assert command[command.index("--artifacts-destination") + 1] == "s3://bucket/mlflow"
+    assert command.count("--artifacts-destination") == 1
+
+
 def test_dashboard_opens_on_the_runs_of_the_experiment(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking.check_tracking_store(uri)

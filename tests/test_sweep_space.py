@@ -97,6 +97,63 @@ def test_asha_max_t_cannot_exceed_the_training_steps():
                            scheduler={"type": "asha", "time_attr": "step", "max_t": 500, "grace_period": 10}))
 
 
+def _pbt(**scheduler):
+    return {"type": "pbt", "perturbation_interval": 50, **scheduler}
+
+
+def test_pbt_mutates_the_spaces_learning_rates_by_default():
+    spec = parse_space(_space(overrides={"max_training_steps": 200, "checkpoint_interval": 50},
+                              space={"lr_mp": {"grid": [1.0e-4, 1.0e-3]}, "lr_language_backbone": {"grid": [1.0e-4]},
+                                     "batch_size": {"choice": [8, 16]}},
+                              scheduler=_pbt()))
+    assert spec.scheduler.mutate == ["lr_mp", "lr_language_backbone"]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"scheduler": _pbt(), "overrides": {"max_training_steps": 200, "checkpoint_interval": 100}},
+     "checkpoint_interval=100 exceeds scheduler.perturbation_interval=50"),
+    ({"scheduler": _pbt(), "overrides": {"max_training_steps": 50, "checkpoint_interval": 50}},
+     "perturbation_interval=50 steps is not below max_training_steps=50"),
+    ({"scheduler": _pbt(mutate=["mp_pixel_shuffle_factor"]),
+      "space": {"lr_mp": {"grid": [1.0e-4, 1.0e-3]}, "mp_pixel_shuffle_factor": {"choice": [2, 4]}}},
+     "a model field: a checkpoint cannot continue as another model"),
+    ({"scheduler": _pbt(), "space": {"lr_mp": {"loguniform": [1.0e-4, 1.0e-2]}}},
+     "needs a population of at least 2 trials"),
+    ({"scheduler": _pbt(), "space": {"batch_size": {"grid": [8, 16]}}}, "the space varies none"),
+    ({"scheduler": _pbt(max_t=10)}, r"unknown keys \['max_t'\]"),
+    ({"search": "optuna", "space": {"lr_mp": {"grid": [1.0e-4, 1.0e-3]}}}, "instead of {grid: \\[...\\]}"),
+    ({"search": "optuna", "scheduler": _pbt(), "space": {"lr_mp": {"choice": [1.0e-4, 1.0e-3]}}},
+     "use it with search: random"),
+    ({"search": {"type": "optuna", "startup_trials": 0}}, "startup_trials=0 must be a positive integer"),
+    ({"search": "tpe"}, "search must be one of"),
+])
+def test_search_and_scheduler_combinations_that_cannot_work_are_refused(changes, message):
+    data = _space(overrides={"max_training_steps": 200, "checkpoint_interval": 50},
+                  space={"lr_mp": {"grid": [1.0e-4, 1.0e-3]}})
+    data.update({k: v for k, v in changes.items() if k != "overrides"})
+    data["overrides"].update(changes.get("overrides", {}))
+    with pytest.raises(ConfigError, match=message):
+        parse_space(data)
+
+
+def test_pbt_on_object_storage_is_refused_before_ray_starts():
+    from nanovlm.sweep.runner import run_sweep
+
+    spec = parse_space(_space(overrides={"max_training_steps": 200, "checkpoint_interval": 50},
+                              space={"lr_mp": {"grid": [1.0e-4, 1.0e-3]}}, scheduler=_pbt()))
+    with pytest.raises(ConfigError, match="scheduler pbt hands checkpoints between trials by path.*s3://bucket/sweeps"):
+        run_sweep(spec, storage_path="s3://bucket/sweeps", tracking_uri="sqlite:////nonexistent/mlflow.db")
+
+
+def test_pbt_pauses_trials_to_share_slots_only_when_the_population_exceeds_them():
+    from nanovlm.sweep.strategies import build_scheduler
+
+    data = _space(overrides={"max_training_steps": 200, "checkpoint_interval": 50},
+                  space={"lr_mp": {"grid": [1.0e-4, 1.0e-3]}}, scheduler=_pbt(), num_samples=2)
+    assert build_scheduler(parse_space({**data, "max_concurrent_trials": 4})).time_share is False  # 2 x 2 trials
+    assert build_scheduler(parse_space({**data, "max_concurrent_trials": 3})).time_share is True
+
+
 def test_param_space_has_one_tune_domain_per_field():
     from ray import tune
 

@@ -1,5 +1,5 @@
-"""Benchmark grids: every combination of a few config axes, measured one point at a time
-through Ray Tune, logged to MLflow, cached by config hash, tabulated and plotted
+"""Benchmark grids: every combination of a few config axes, measured through Ray Tune (one
+trial per point, `max_concurrent` at a time), logged to MLflow, cached by config hash, tabulated and plotted
 (`nanovlm bench grid FILE`). Not a sweep: a sweep (`nanovlm sweep`) searches config fields
 for the best trial; a grid measures every combination.
 
@@ -19,7 +19,8 @@ A grid file (see `benchmarks/grids/shuffle.yaml`):
       warmup: 1
       repeats: 3
       threads: 2                      # torch threads per trial (default: the trial's CPUs)
-    resources: {cpu: 2, gpu: 0}       # per trial; trials run one at a time
+    resources: {cpu: 2, gpu: 0}       # per trial (point)
+    max_concurrent: 1                 # points measured at once (default 1: no contention in the timings)
     plots:
       - {x: mp_pixel_shuffle_factor, y: infer_decode_tokens_per_s, series: lm_size}
 
@@ -55,7 +56,8 @@ from nanovlm.config import (
 logger = logging.getLogger(__name__)
 
 BENCH_VERSION = 1   # bump when a measurement's definition changes: old cache entries stop matching
-TOP_LEVEL_KEYS = {"name", "preset", "overrides", "grid", "measure", "resources", "plots", "output_dir"}
+TOP_LEVEL_KEYS = {"name", "preset", "overrides", "grid", "measure", "resources", "max_concurrent", "plots",
+                  "output_dir"}
 MEASURE_KEYS = {"inference", "training", "warmup", "repeats", "threads", "largest_batch"}
 INFERENCE_KEYS = {"batch_size", "prompt_tokens", "new_tokens", "n_images", "image_size"}  # image_size: [h, w]
 TRAINING_KEYS = {"text_tokens", "n_images", "image_size"}
@@ -79,6 +81,7 @@ class BenchGrid:
     plots: list[dict[str, str]] = field(default_factory=list)
     output_dir: str | None = None
     source: str = ""
+    max_concurrent: int = 1
 
 
 def _check_fields(where: str, overrides: dict[str, Any]) -> None:
@@ -140,8 +143,11 @@ def parse_grid(data: dict[str, Any], name: str = "bench") -> BenchGrid:
                 raise ConfigError(f"plot {key}={plot[key]!r} is not a grid axis; axes: {sorted(axis_names)}.")
         if "y" not in plot:
             raise ConfigError(f"plot {plot!r} needs a metric as y (e.g. infer_decode_tokens_per_s).")
+    max_concurrent = data.get("max_concurrent", 1)
+    if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or max_concurrent < 1:
+        raise ConfigError(f"max_concurrent={max_concurrent!r} must be a positive integer (points measured at once).")
     return BenchGrid(data.get("name", name), base, dict(overrides), axes, measure, resources, plots,
-                     data.get("output_dir"), yaml.safe_dump(data, sort_keys=False))
+                     data.get("output_dir"), yaml.safe_dump(data, sort_keys=False), max_concurrent)
 
 
 def load_grid(path: str | Path, overrides: list[str] | None = None) -> BenchGrid:
@@ -247,10 +253,14 @@ def _tune_trainable(trial_config: dict[str, Any]) -> None:
     point = trial_config["point"]
     start = time.time()
     metrics = {**measure_point(point["config"], point["measure"]), "measure_wall_s": time.time() - start}
-    # Written here as well as by the driver, so an interrupted grid keeps its finished points
-    # (best effort: on a multi-node cluster this node may not see the driver's directory).
+    context = tune.get_context()
+    trial = {"trial_id": context.get_trial_id(), "started": start, "finished": time.time(),
+             "resources": context.get_trial_resources().required_resources}
+    # Written here as well as by the driver (if this node cannot reach the driver's directory), so an
+    # interrupted grid keeps its finished points; with the trial that measured it.
     try:
-        _write_cache(Path(point["out"]), point["key"], point["labels"], point["config"], point["measure"], metrics)
+        _write_cache(Path(point["out"]), point["key"], point["labels"], point["config"], point["measure"], metrics,
+                     trial=trial)
     except OSError:
         pass
     tune.report({**metrics, "key": point["key"]})
@@ -276,9 +286,14 @@ def _cache_path(out: Path, key: str) -> Path:
     return out / "cache" / f"{key}.json"
 
 
-def _write_cache(out: Path, key: str, labels: dict, config: dict, measure: dict, metrics: dict) -> None:
+def _write_cache(out: Path, key: str, labels: dict, config: dict, measure: dict, metrics: dict,
+                 trial: dict[str, Any] | None = None) -> None:
+    """trial: the Tune trial that measured the point, where known: trial_id, resources, and the
+    measurement's start and end (Unix seconds)."""
     entry = {"labels": labels, "config": config, "measure": measure, "metrics": metrics,
              "host": platform.node(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if trial is not None:
+        entry["trial"] = trial
     path = _cache_path(out, key)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -303,8 +318,9 @@ def _measure_with_ray(grid: BenchGrid, todo: list[Point], out: Path) -> dict[str
         tuner = tune.Tuner(
             tune.with_resources(_tune_trainable, resources),
             param_space={"point": tune.grid_search(space)},
-            # One trial at a time: concurrent trials would contend for cores and skew timings.
-            tune_config=tune.TuneConfig(max_concurrent_trials=1,
+            # One trial at a time by default: concurrent trials contend for cores and memory bandwidth
+            # and skew timings; parallel points suit sizes, memory and separate GPUs.
+            tune_config=tune.TuneConfig(max_concurrent_trials=grid.max_concurrent,
                                         trial_dirname_creator=lambda trial: f"point_{trial.trial_id}"),
             run_config=tune.RunConfig(name=f"{grid.name}-{int(time.time())}",
                                       storage_path=str((out / "ray_results").resolve()), verbose=0),
@@ -373,7 +389,7 @@ def run_grid(grid: BenchGrid, output_dir: str | Path | None = None, executor: st
     measured = measure_fn(grid, unique_todo, out) if unique_todo else {}
 
     for p in unique_todo:
-        if p.key in measured:
+        if p.key in measured and not _cache_path(out, p.key).exists():  # kept: the trial's own entry
             _write_cache(out, p.key, p.labels, p.config, grid.measure, measured[p.key])
 
     rows = []

@@ -35,11 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"the experiment whose runs to open (default {TrainConfig.experiment_name!r})")
 
 
-def server_command(uri: str, port: int, host: str = "127.0.0.1") -> list[str]:
-    """The `mlflow server` command line for a store URI. One worker: a single user on a laptop."""
+def server_command(uri: str, port: int, host: str = "127.0.0.1", artifacts: Optional[str] = None) -> list[str]:
+    """The `mlflow server` command line for a store URI. One worker: a single user on a laptop.
+    `artifacts`: where the server puts the runs' artifacts (e.g. s3://bucket/mlflow); default,
+    for a SQLite store, the folder next to its file."""
     command = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1",
                "--backend-store-uri", uri]
-    artifacts = tracking.artifact_root(uri)
+    artifacts = artifacts or tracking.artifact_root(uri)
     if artifacts is not None:  # keep uploads through the UI next to the runs' own artifacts
         command += ["--artifacts-destination", artifacts]
     return command
@@ -93,8 +95,8 @@ class MlflowServer:
     """`mlflow server` over `uri` on 127.0.0.1:`port`, in the background: for tests and benchmarks
     that take a tracking server down and bring it back (`nanovlm dashboard` runs it in the foreground)."""
 
-    def __init__(self, uri: str, port: int):
-        self.command = server_command(uri, port)
+    def __init__(self, uri: str, port: int, artifacts: Optional[str] = None):
+        self.command = server_command(uri, port, artifacts=artifacts)
         self.address = f"http://127.0.0.1:{port}"
         self.process: Optional[subprocess.Popen] = None
 

@@ -89,7 +89,8 @@ def worker_config(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Op
 def build_trainer(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, run_name: Optional[str] = None,
                   preset_name: Optional[str] = None, tracking_spec: Optional[dict[str, Any]] = None,
                   callbacks: Sequence[Any] = (), storage_path: Optional[str] = None,
-                  worker_env: Optional[dict[str, str]] = None, resume_from: Optional[str | Path] = None):
+                  worker_env: Optional[dict[str, str]] = None, resume_from: Optional[str | Path] = None,
+                  checkpoint_score: Optional[tuple[str, str]] = None):
     """A `TorchTrainer` for configs already validated (`run_training`, a Tune trial's
     `trial_configs`); each worker validates them again as they enter its process.
 
@@ -100,6 +101,8 @@ def build_trainer(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, run_name: Optio
     worker_env: environment variables for the workers (e.g. NCCL_DEBUG, NANOVLM_KILL_RANK_AT_STEP).
     resume_from: a training checkpoint the workers start from, unless Ray has a checkpoint of
     this run (on a multi-node cluster, a path every node sees).
+    checkpoint_score: (metric, "min" | "max"): keep the best `checkpoints_to_keep` checkpoints by
+    that reported metric (and always the latest, to resume from) instead of the latest ones.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -113,6 +116,7 @@ def build_trainer(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, run_name: Optio
     resources = {"CPU": train_cfg.cpus_per_worker, **train_cfg.custom_worker_resources()}
     if train_cfg.use_gpu:
         resources["GPU"] = 1
+    score_metric, score_order = checkpoint_score or (None, "max")
     return TorchTrainer(
         train_loop_per_worker=train_worker,
         train_loop_config=worker_config(vlm_cfg, train_cfg, preset_name=preset_name, tracking_spec=tracking_spec,
@@ -124,7 +128,8 @@ def build_trainer(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, run_name: Optio
         run_config=RunConfig(
             name=name,
             storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.checkpoints_to_keep),
+            checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.checkpoints_to_keep,
+                                               checkpoint_score_attribute=score_metric, checkpoint_score_order=score_order),
             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
             callbacks=list(callbacks) or None,
             worker_runtime_env={"env_vars": dict(worker_env)} if worker_env else None,

@@ -125,7 +125,8 @@ class RayTrainHooks(MlflowHooks):
         run, owns_run = None, False
         if self.rank == 0 and tracking_spec is not None:
             run, owns_run = self._open_mlflow_run(tracking_spec)
-        super().__init__(run, train_cfg.output_dir, owns_run=owns_run, register_model=train_cfg.register_model)
+        super().__init__(run, train_cfg.output_dir, owns_run=owns_run, register_model=train_cfg.register_model,
+                         system_metrics_s=train_cfg.system_metrics_interval, use_cuda=train_cfg.use_gpu)
 
     # ------------------------------------------------------------------ loop contract
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -24,6 +25,8 @@ from nanovlm.sweep.space import SweepSpec, trial_configs
 RANKED_STATUSES = ("completed", "early-stopped", "stopped")
 EXTRA_METRICS = ("val_loss", "val_accuracy", "loss", "tokens_per_second")
 MEDIAN_METRICS = ("tokens_per_second",)  # per-step rates: the table shows the median over reports
+CHECKPOINT_KEY = "checkpoint_path"        # in the reports that carry a Train checkpoint (TuneReportCallback)
+BEST_CHECKPOINT_DIR = "best_checkpoint"
 
 
 @dataclass
@@ -56,6 +59,20 @@ class TrialRecord:
     def last_step(self) -> int | None:
         value = self.final("step")
         return None if value is None else int(value)
+
+    def best_checkpoint(self, metric: str, mode: str) -> dict[str, Any] | None:
+        """The trial's best reported checkpoint by `metric` that still exists: {"path", "step",
+        metric}. Train keeps the best ones (the sweep scores checkpoints by its metric) and the
+        latest; a report without the metric (a checkpoint between evaluations) ranks last."""
+        candidates = [r for r in self.history if isinstance(r.get(CHECKPOINT_KEY), str)
+                      and ("://" in r[CHECKPOINT_KEY] or Path(r[CHECKPOINT_KEY]).exists())]
+        if not candidates:
+            return None
+        sign = 1.0 if mode == "min" else -1.0
+        # the best value, the later step among equals; then the latest unscored one
+        best = min(candidates, key=lambda r: (0, sign * r[metric], -r.get("step", 0)) if _is_number(r.get(metric))
+                   else (1, 0.0, -r.get("step", 0)))
+        return {"path": best[CHECKPOINT_KEY], "step": best.get("step"), metric: best.get(metric)}
 
 
 def rank_trials(records: Iterable[TrialRecord], metric: str, mode: str) -> list[TrialRecord]:
@@ -153,11 +170,33 @@ def write_results(records: list[TrialRecord], spec: SweepSpec, out_dir: str | Pa
     if best is not None:
         written["config.json"] = out / "config.json"
         written["config.json"].write_text(json.dumps(best_config(spec, best), indent=2) + "\n")
+    written["best_checkpoint.json"] = write_best_checkpoint(records, best, spec, out)
     written["metric_vs_fields.png"] = out / "metric_vs_fields.png"
     plot_metric_vs_fields(records, spec, written["metric_vs_fields.png"])
     written["learning_curves.png"] = out / "learning_curves.png"
     plot_learning_curves(records, spec.metric, written["learning_curves.png"])
     return written
+
+
+def write_best_checkpoint(records: list[TrialRecord], best: TrialRecord | None, spec: SweepSpec,
+                          out: Path) -> Path:
+    """`best_checkpoint.json`: each trial's best checkpoint by the sweep's metric, and the best
+    trial's one, copied to `out/best_checkpoint/` (a training checkpoint: `nanovlm train
+    --resume`, `nanovlm generate --checkpoint`) when it is on this machine's filesystem."""
+    trials = {r.trial_id: r.best_checkpoint(spec.metric, spec.mode) for r in records}
+    data: dict[str, Any] = {"metric": spec.metric, "mode": spec.mode, "best": None,
+                            "trials": {k: v for k, v in trials.items() if v is not None}}
+    chosen = trials.get(best.trial_id) if best is not None else None
+    target = out / BEST_CHECKPOINT_DIR
+    shutil.rmtree(target, ignore_errors=True)  # a resumed sweep may have a new best
+    if chosen is not None:
+        data["best"] = {"trial_id": best.trial_id, "run_id": best.run_id, **chosen, "copy": None}
+        if "://" not in chosen["path"]:
+            shutil.copytree(chosen["path"], target)
+            data["best"]["copy"] = str(target)
+    path = out / "best_checkpoint.json"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
 
 
 # ------------------------------------------------------------------------- plots

@@ -3,7 +3,7 @@
     Tune controller (this process)                    Trial actor (driver_cpus)         Train workers
     ─ SweepTracker callback: creates the child ──►    run_trial(config): builds the ──► train_worker:
       run per trial, tags its status at the end       configs; invalid -> report &      logs metrics by
-    ─ ASHA (or FIFO) decides from the reports         return; else TorchTrainer.fit()   step into the
+    ─ ASHA, PBT or FIFO decide from the reports       return; else TorchTrainer.fit()   step into the
                                                       with TuneReportCallback           child run
 
 Files in the sweep directory `<storage>/<name>-<timestamp>/` (a path, or a URI such as
@@ -33,6 +33,8 @@ from nanovlm.sweep.results import TrialRecord, best_trial, write_results
 from nanovlm.sweep.space import SweepSpec, trial_configs
 from nanovlm.sweep.state import (STATE_FILE, SweepState, as_location, default_storage, find_resumable,  # noqa: F401
                                  new_sweep_dir, trial_output_dir)
+from nanovlm.sweep.pbt import donor_trial, resume_point, with_pbt_checkpoints
+from nanovlm.sweep.strategies import build_scheduler, build_search
 from nanovlm.tracking_journal import JournaledRun, settle
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ TRIAL_TAG = "nanovlm.trial_id"
 STATUS_TAG = "nanovlm.status"
 REASON_TAG = "nanovlm.status_reason"
 SWEEP_TAG = "nanovlm.sweep"
+EXPLORED_TAG = "nanovlm.pbt_explored"   # the configs PBT gave a trial, and the checkpoints it continued
 
 
 @dataclass
@@ -83,6 +86,8 @@ def run_trial(config: dict[str, Any], *, spec: SweepSpec, sweep_dir: str, parent
     train_cfg = train_cfg.replace(output_dir=str(trial_output_dir(sweep_dir, trial_id)),
                                   storage_path=storage.join(sweep_dir, "train"),
                                   register_model=None)   # only the best trial's model is registered (_finish_parent)
+    # A PBT exploit restarts the trial from another trial's checkpoint.
+    train_run, start_from = resume_point(trial_id, Path(train_cfg.output_dir))
     run_id = _find_child_run(tracking_uri, parent_run_id, trial_id)
     tracking_spec = {"uri": tracking_uri, "experiment_name": train_cfg.experiment_name, "run_id": run_id,
                      "parent_run_id": parent_run_id, "run_name": trial_id,
@@ -90,8 +95,9 @@ def run_trial(config: dict[str, Any], *, spec: SweepSpec, sweep_dir: str, parent
     # Train's controller polls its workers every 2 s by default and a worker blocks on its
     # pending report until then; this process only launches this trial's TorchTrainer.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    trainer = build_trainer(vlm_cfg, train_cfg, run_name=trial_id, preset_name=spec.preset,
-                            tracking_spec=tracking_spec, callbacks=[TuneReportCallback()])
+    trainer = build_trainer(vlm_cfg, train_cfg, run_name=train_run, preset_name=spec.preset,
+                            tracking_spec=tracking_spec, callbacks=[TuneReportCallback()], resume_from=start_from,
+                            checkpoint_score=(spec.metric, spec.mode))
     trainer.fit()
 
 
@@ -140,9 +146,16 @@ class SweepTracker(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         entry = self.state.trial(trial.trial_id)
         sampled = {name: trial.config.get(name) for name in self.spec.space}
+        tags = {STATUS_TAG: "running"}
+        restored = getattr(trial.checkpoint, "path", None)  # PBT's: an exploit, or a paused trial resuming
+        explored = entry.setdefault("explored", [])
+        donor = donor_trial(trial.trial_id, restored) if restored else None
+        if donor is not None and (not explored or explored[-1]["from_checkpoint"] != restored):
+            explored.append({"config": sampled, "from_trial": donor, "from_checkpoint": restored})
+            tags[EXPLORED_TAG] = json.dumps(explored)[:5000]
         entry.update(config=sampled, status="running")
         if entry.get("run_id"):  # resumed trial: keep logging into its run
-            tracking.TrackingRun(entry["run_id"], self.uri).set_tags({STATUS_TAG: "running"})
+            tracking.TrackingRun(entry["run_id"], self.uri).set_tags(tags)
             self._reopen(entry["run_id"])
         else:
             entry["run_id"] = self._create_child_run(trial.trial_id, sampled)
@@ -255,6 +268,10 @@ def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
     """Run `spec` (or resume the sweep in `resume_dir`) and write its results."""
     from ray import tune
 
+    root = None if resume_dir is not None else storage_path or spec.storage_path or default_storage()
+    if root is not None and spec.scheduler.type == "pbt" and storage.is_uri(storage.resolve(root)):
+        raise ConfigError(f"scheduler pbt hands checkpoints between trials by path: the sweep storage {root} "
+                          "must be a filesystem path (local, or NFS on several nodes), not object storage.")
     uri = tracking.check_tracking_store(tracking_uri)
     # Tune checks that every result holds the metric; Train reports between evaluations hold
     # only step metrics, and invalid trials none. ASHA itself skips results without it.
@@ -268,7 +285,6 @@ def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
         state = SweepState.load(sweep_dir)
         spec = state.spec()  # the space as it was when the sweep started
     else:
-        root = storage_path or spec.storage_path or default_storage()
         storage.check_writable(storage.resolve(root), f"sweep storage {root}", "pass another --storage-path")
         sweep_dir = new_sweep_dir(root, spec.name)
         state = SweepState(storage.join(sweep_dir, STATE_FILE), {
@@ -290,9 +306,9 @@ def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
 
     check_cluster_resources(base_train, _resources_minus_driver(spec.driver_cpus))
 
-    trainable = tune.with_resources(
+    trainable = tune.with_resources(with_pbt_checkpoints(
         tune.with_parameters(run_trial, spec=spec, sweep_dir=str(sweep_dir),
-                             parent_run_id=state.data["parent_run_id"], tracking_uri=uri),
+                             parent_run_id=state.data["parent_run_id"], tracking_uri=uri), spec.scheduler.type),
         {"cpu": spec.driver_cpus})
     tracker = SweepTracker(spec, state, uri, experiment_name)
     interrupted = False
@@ -307,7 +323,7 @@ def run_sweep(spec: SweepSpec, *, resume_dir: Optional[str | Path] = None,
                 param_space=spec.param_space(),
                 tune_config=tune.TuneConfig(
                     num_samples=spec.num_samples,
-                    scheduler=_scheduler(spec), search_alg=_search_alg(spec), time_budget_s=spec.time_budget_s,
+                    scheduler=build_scheduler(spec), search_alg=build_search(spec), time_budget_s=spec.time_budget_s,
                     reuse_actors=False),
                 run_config=tune.RunConfig(
                     name=TUNE_DIRNAME, storage_path=str(sweep_dir), callbacks=[tracker],
@@ -345,23 +361,6 @@ def _resources_minus_driver(driver_cpus: float) -> dict[str, float]:
     resources = dict(ray.cluster_resources())
     resources["CPU"] = float(resources.get("CPU", 0)) - driver_cpus
     return resources
-
-
-def _scheduler(spec: SweepSpec):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    sched = spec.scheduler
-    if sched.type == "none":
-        return FIFOScheduler()
-    return ASHAScheduler(time_attr=sched.time_attr, metric=spec.metric, mode=spec.mode, max_t=sched.max_t,
-                         grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
-
-
-def _search_alg(spec: SweepSpec):
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    # Tune ignores TuneConfig.max_concurrent_trials for a generator passed in: limit it here.
-    return BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.max_concurrent_trials)
 
 
 def _records(grid, state: SweepState, sweep_dir: Path) -> list[TrialRecord]:
@@ -411,6 +410,7 @@ def _create_parent_run(spec: SweepSpec, sweep_dir: Path, uri: str, experiment_na
     run = client.create_run(experiment_id, tags={**tracking.context_tags(), **tags}, run_name=sweep_dir.name)
     params = {"preset": spec.preset, "metric": spec.metric, "mode": spec.mode, "num_samples": spec.num_samples,
               "max_concurrent_trials": spec.max_concurrent_trials, "scheduler": spec.scheduler.type,
+              "search": spec.search.type,
               **{f"space.{k}": d.describe() for k, d in spec.space.items()},
               **{f"fixed.{k}": v for k, v in spec.overrides.items()}}
     client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
@@ -438,6 +438,9 @@ def _finish_parent(parent: JournaledRun, spec: SweepSpec, records: list[TrialRec
         # by trials finished: a resumed sweep logs its new best, and nothing twice
         finished = sum(r.status in ("completed", "early-stopped") for r in records)
         parent.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=finished)
+    best_checkpoint = json.loads(files["best_checkpoint.json"].read_text())["best"]
+    if best_checkpoint is not None:
+        tags["nanovlm.best_checkpoint"] = best_checkpoint["copy"] or best_checkpoint["path"]
     parent.set_tags(tags)
     for path in files.values():
         parent.log_artifact(path)
@@ -459,7 +462,7 @@ def _spec_as_yaml(spec: SweepSpec) -> str:
     data = {"name": spec.name, "preset": spec.preset, "overrides": spec.overrides,
             "space": {k: {d.kind: list(d.args)} for k, d in spec.space.items()},
             "metric": spec.metric, "mode": spec.mode,
-            "scheduler": vars(spec.scheduler), "num_samples": spec.num_samples,
+            "search": spec.search.to_dict(), "scheduler": spec.scheduler.to_dict(), "num_samples": spec.num_samples,
             "max_concurrent_trials": spec.max_concurrent_trials,
             "resources": {"driver_cpus": spec.driver_cpus}, "time_budget_s": spec.time_budget_s,
             "seed": spec.seed}

@@ -10,7 +10,8 @@ A space file (see `tune/demo.yaml`, documented in `docs/sweeps.md`):
       lr_mp: {loguniform: [1.0e-4, 1.0e-2]}
     metric: val_loss
     mode: min
-    scheduler: {type: asha, time_attr: step, max_t: 300, grace_period: 100, reduction_factor: 2}
+    search: random                  # or optuna (TPE); strategies.py
+    scheduler: {type: asha, time_attr: step, max_t: 300, grace_period: 100, reduction_factor: 2}   # or pbt, none
     num_samples: 1
     max_concurrent_trials: 2
     resources: {workers_per_trial: 1, cpus_per_worker: 0.4, driver_cpus: 0.2}
@@ -25,7 +26,6 @@ factor that does not divide the patch grid) is only known per trial; `trial_conf
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import types
@@ -39,6 +39,7 @@ import yaml
 from nanovlm.config import (
     PRESETS, ConfigError, TrainConfig, VLMConfig, apply_overrides, owner_of, parse_override, parse_value, preset,
 )
+from nanovlm.sweep.strategies import Scheduler, Search, check_strategies, parse_scheduler, parse_search
 
 # name -> (number of arguments, field types it applies to). `randint` follows Ray and numpy:
 # [low, high) with high excluded; `qrandint` [low, high] with step q, high included.
@@ -50,13 +51,11 @@ DISTRIBUTIONS: dict[str, tuple[int | None, tuple[type, ...]]] = {
     "randint": (2, (int,)),
     "qrandint": (3, (int,)),
 }
-SCHEDULERS = ("asha", "none")
-TIME_ATTRS = ("step", "training_iteration", "time_total_s")
 # The `resources` section is shorthand for these TrainConfig fields; driver_cpus is the CPU
 # share of the Tune trial that launches the TorchTrainer (Ray refuses 0).
 RESOURCE_FIELDS = {"workers_per_trial": "num_workers", "cpus_per_worker": "cpus_per_worker",
                    "use_gpu": "use_gpu"}
-TOP_LEVEL_KEYS = {"name", "preset", "overrides", "space", "metric", "mode", "scheduler", "num_samples",
+TOP_LEVEL_KEYS = {"name", "preset", "overrides", "space", "metric", "mode", "search", "scheduler", "num_samples",
                   "max_concurrent_trials", "resources", "time_budget_s", "seed", "storage_path"}
 
 
@@ -79,15 +78,6 @@ class Distribution:
 
 
 @dataclass
-class Scheduler:
-    type: str = "asha"
-    time_attr: str = "step"
-    max_t: int = 100
-    grace_period: int = 10
-    reduction_factor: float = 2.0
-
-
-@dataclass
 class SweepSpec:
     """A parsed, checked space file."""
     name: str
@@ -97,6 +87,7 @@ class SweepSpec:
     metric: str = "val_loss"
     mode: str = "min"
     scheduler: Scheduler = field(default_factory=Scheduler)
+    search: Search = field(default_factory=Search)
     num_samples: int = 1
     max_concurrent_trials: int = 2
     driver_cpus: float = 0.2
@@ -223,7 +214,7 @@ def parse_space(data: Any, *, default_name: str = "sweep", where: str = "space",
         raise ConfigError(f"{where}: metric must be a metric name such as val_loss, val_accuracy, "
                           "tokens_per_second.")
 
-    scheduler = _parse_scheduler(data.get("scheduler", {"type": "none"}), where)
+    scheduler = parse_scheduler(data.get("scheduler", {"type": "none"}), where)
     spec = SweepSpec(
         name=str(data.get("name", default_name)),
         preset=preset_name,
@@ -232,6 +223,7 @@ def parse_space(data: Any, *, default_name: str = "sweep", where: str = "space",
         metric=metric,
         mode=mode,
         scheduler=scheduler,
+        search=parse_search(data.get("search"), where),
         num_samples=_positive_int(data.get("num_samples", 1), "num_samples", where),
         max_concurrent_trials=_positive_int(data.get("max_concurrent_trials", 2), "max_concurrent_trials", where),
         driver_cpus=driver_cpus,
@@ -246,9 +238,7 @@ def parse_space(data: Any, *, default_name: str = "sweep", where: str = "space",
         train.validate()
     except ConfigError as exc:
         raise ConfigError(f"{where}: preset {preset_name!r} with the fixed overrides is invalid:\n{exc}") from None
-    if scheduler.type == "asha" and scheduler.time_attr == "step" and scheduler.max_t > train.max_training_steps:
-        raise ConfigError(f"{where}: scheduler.max_t={scheduler.max_t} steps exceeds max_training_steps="
-                          f"{train.max_training_steps}; lower max_t or raise max_training_steps.")
+    check_strategies(spec, train, where)
     return spec
 
 
@@ -314,29 +304,6 @@ def _parse_distribution(name: str, spec: Any, where: str) -> Distribution:
     if kind == "loguniform" and low <= 0:
         raise ConfigError(f"{where}: space.{name}.loguniform needs low > 0, got {low}.")
     return Distribution(kind, values)
-
-
-def _parse_scheduler(data: Any, where: str) -> Scheduler:
-    if data is None or data == "none":
-        return Scheduler(type="none")
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: scheduler must be a mapping such as {{type: asha, max_t: 300}} or 'none'.")
-    known = {f.name for f in dataclasses.fields(Scheduler)}
-    unknown = set(data) - known
-    if unknown:
-        raise ConfigError(f"{where}: unknown scheduler keys {sorted(unknown)}; valid: {sorted(known)}.")
-    sched = Scheduler(**data)
-    if sched.type not in SCHEDULERS:
-        raise ConfigError(f"{where}: scheduler.type={sched.type!r} must be one of {SCHEDULERS}.")
-    if sched.time_attr not in TIME_ATTRS:
-        raise ConfigError(f"{where}: scheduler.time_attr={sched.time_attr!r} must be one of {TIME_ATTRS}.")
-    if sched.type == "asha":
-        if not 0 < sched.grace_period <= sched.max_t:
-            raise ConfigError(f"{where}: scheduler needs 0 < grace_period <= max_t, got grace_period="
-                              f"{sched.grace_period}, max_t={sched.max_t}.")
-        if sched.reduction_factor <= 1:
-            raise ConfigError(f"{where}: scheduler.reduction_factor={sched.reduction_factor} must be > 1.")
-    return sched
 
 
 def _mapping(value: Any, key: str, where: str) -> dict[str, Any]:

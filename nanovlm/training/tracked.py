@@ -26,9 +26,10 @@ from typing import Any, Optional
 from nanovlm import tracking
 from nanovlm.tracking_journal import JournaledRun
 from nanovlm.config import TrainConfig, VLMConfig, configs_to_dict
-from nanovlm.training import checkpointing
+from nanovlm.training import checkpointing, system_metrics
 from nanovlm.training.hooks import TrainHooks
 from nanovlm.training.loop import resolve_device, train
+from nanovlm.training.system_metrics import SystemMetricsSampler
 
 logger = logging.getLogger(__name__)
 
@@ -37,19 +38,25 @@ class MlflowHooks(TrainHooks):
     """Log the loop's metrics into `run` by step, a run record into each checkpoint, and the final
     checkpoint and `summary.json` as artifacts. `run` None logs nothing (an untracked run, or a
     Ray rank other than 0). `owns_run`: end the run at the end (else its creator ends it).
+    `system_metrics_s` > 0: CPU, memory (and GPU with `use_cuda`) samples at that period, logged
+    with the steps (`system_metrics`), and one more at the end.
     After `close`, `pending` is the journal directory holding what the store did not take, or None."""
 
     def __init__(self, run: Optional[JournaledRun], output_dir: str | Path, *, owns_run: bool,
-                 register_model: Optional[str] = None):
+                 register_model: Optional[str] = None, system_metrics_s: float = 0.0, use_cuda: bool = False):
         self.run = run
         self.output_dir = Path(output_dir)
         self.owns_run = owns_run
         self.register_model = register_model   # MLflow registry name for the final model, if any
         self.pending: Optional[Path] = None
+        self.use_cuda = use_cuda
+        self.sampler = SystemMetricsSampler(system_metrics_s, use_cuda) if run is not None else None
+        self.last_step = 0
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         if self.run is not None:
-            self.run.log_metrics(metrics, step)
+            self.last_step = step
+            self.run.log_metrics({**metrics, **(self.sampler.take() or {})}, step)
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         if self.run is not None:
@@ -64,6 +71,8 @@ class MlflowHooks(TrainHooks):
 
     def on_end(self, summary: dict[str, Any]) -> None:
         if self.run is not None:
+            if self.sampler.interval_s > 0:
+                self.run.log_metrics(system_metrics.sample(self.use_cuda), self.last_step)
             if summary.get("data"):
                 self.run.log_metrics(data_metrics(summary["data"]), summary["steps"])
             if summary.get("checkpoint"):
@@ -77,6 +86,7 @@ class MlflowHooks(TrainHooks):
         """Send what is journalled (waiting up to `deadline` s, default the journal's); end the
         run with `status` if this process owns it."""
         if self.run is not None:
+            self.sampler.stop()
             self.pending = self.run.close(status if self.owns_run else None, deadline)
             self.run = None
 
@@ -122,7 +132,8 @@ def train_tracked(vlm_cfg: VLMConfig, train_cfg: TrainConfig, *, preset_name: Op
             config, uri=uri, run_name=run_name or tracking.default_run_name(preset_name), tags=tags,
             run_id=tracking.recorded_run_id(checkpoint, uri) if checkpoint is not None else None)
         run = JournaledRun(run_id, uri, train_cfg.output_dir, flush_every=train_cfg.log_interval)
-    hooks = MlflowHooks(run, train_cfg.output_dir, owns_run=True, register_model=train_cfg.register_model)
+    hooks = MlflowHooks(run, train_cfg.output_dir, owns_run=True, register_model=train_cfg.register_model,
+                        system_metrics_s=train_cfg.system_metrics_interval, use_cuda=device.type == "cuda")
     try:
         summary = train(vlm_cfg, train_cfg, hooks=hooks, resume_from=checkpoint, validate=False)
     except KeyboardInterrupt:
