@@ -31,3 +31,13 @@ def tokenizer(tiny_cfg):
     """The tiny preset's tokenizer (the shapes BPE, trained into the session's cache on first use)."""
     from nanovlm.data.processors import get_tokenizer
     return get_tokenizer(tiny_cfg.lm_tokenizer, tiny_cfg.vlm_extra_tokens, tiny_cfg.lm_chat_template)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A fresh SQLite MLflow store for the module (creating its tables takes seconds); its URI."""
+    from nanovlm import tracking
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    tracking.check_tracking_store(uri)
+    return uri

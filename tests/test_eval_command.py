@@ -26,13 +26,6 @@ CHANCE = 0.25   # four options
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    tracking.check_tracking_store(uri)
-    return uri
-
-
-@pytest.fixture(scope="module")
 def evaluated(store, tmp_path_factory):
     """(run dir, eval output dir, --json results, the training run id)."""
     root = tmp_path_factory.mktemp("e2e")

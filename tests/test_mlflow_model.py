@@ -24,13 +24,6 @@ QUESTIONS = ["What colour is the shape?", "What shape is it?"]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    tracking.check_tracking_store(uri)
-    return uri
-
-
-@pytest.fixture(scope="module")
 def trained(store, tmp_path_factory):
     """`nanovlm train --register tiny-shapes`, 2 steps, in one process: its output dir and run id."""
     out = tmp_path_factory.mktemp("run") / "out"

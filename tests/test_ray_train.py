@@ -65,13 +65,6 @@ def ray_cluster(reference_losses):
             os.environ[key] = value
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    tracking.check_tracking_store(uri)
-    return uri
-
-
 def last_value_per_step(uri, run_id, key):
     history = tracking._client(uri).get_metric_history(run_id, key)
     by_step = {}

@@ -32,13 +32,6 @@ from training_configs import set_arguments
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    tracking.check_tracking_store(uri)
-    return uri
-
-
 def _new_run(uri, experiment="faults"):
     return tracking.create_run(configs_to_dict(*preset("tiny")), uri=uri, experiment_name=experiment)
 

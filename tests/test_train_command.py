@@ -29,13 +29,6 @@ class LossRecorder(TrainHooks):
         self.losses[step] = metrics["loss"]
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    tracking.check_tracking_store(uri)
-    return uri
-
-
 @pytest.fixture
 def tracked_to(store, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
