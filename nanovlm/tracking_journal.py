@@ -177,36 +177,22 @@ class RunJournal:
                     del self.run["tags"][key]
             self._save_run()
 
-    def add_artifact(self, local_path: str | Path, artifact_path: Optional[str]) -> None:
+    # Artifacts and models wait in the same way: a list of [local path, name or null] entries in
+    # run.json ("artifacts": artifact path; "models": registry name), each removed once sent.
+    def queue(self, kind: str, local_path: str | Path, name: Optional[str]) -> None:
         with self._mutex:
-            self.run["artifacts"].append([str(Path(local_path).resolve()), artifact_path])
+            self.run[kind].append([str(Path(local_path).resolve()), name])
             self._save_run()
 
-    def artifacts(self) -> list[tuple[str, Optional[str]]]:
+    def queued(self, kind: str) -> list[tuple[str, Optional[str]]]:
         with self._mutex:
-            return [tuple(a) for a in self.run["artifacts"]]
+            return [tuple(entry) for entry in self.run[kind]]
 
-    def artifact_sent(self, local_path: str, artifact_path: Optional[str]) -> None:
+    def dequeue(self, kind: str, local_path: str, name: Optional[str]) -> None:
         with self._mutex:
             if self._closed:
                 return
-            self.run["artifacts"].remove([local_path, artifact_path])
-            self._save_run()
-
-    def add_model(self, checkpoint: str | Path, registered_model_name: Optional[str]) -> None:
-        with self._mutex:
-            self.run["models"].append([str(Path(checkpoint).resolve()), registered_model_name])
-            self._save_run()
-
-    def models(self) -> list[tuple[str, Optional[str]]]:
-        with self._mutex:
-            return [tuple(m) for m in self.run["models"]]
-
-    def model_sent(self, checkpoint: str, registered_model_name: Optional[str]) -> None:
-        with self._mutex:
-            if self._closed:
-                return
-            self.run["models"].remove([checkpoint, registered_model_name])
+            self.run[kind].remove([local_path, name])
             self._save_run()
 
     def request_status(self, status: Optional[str]) -> None:
@@ -384,7 +370,7 @@ def send_pending(journal: RunJournal, client, should_stop: Callable[[], bool] = 
     if tags and not should_stop():
         client.log_batch(journal.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         journal.tags_sent(tags)
-    for local_path, artifact_path in journal.artifacts():
+    for local_path, artifact_path in journal.queued("artifacts"):
         if should_stop():
             return left_out
         path = Path(local_path)
@@ -394,8 +380,8 @@ def send_pending(journal: RunJournal, client, should_stop: Callable[[], bool] = 
             client.log_artifact(journal.run_id, local_path, artifact_path)
         else:
             logger.warning("Artifact %s of MLflow run %s no longer exists; not uploaded.", local_path, journal.run_id)
-        journal.artifact_sent(local_path, artifact_path)
-    for checkpoint, registered_model_name in journal.models():
+        journal.dequeue("artifacts", local_path, artifact_path)
+    for checkpoint, registered_model_name in journal.queued("models"):
         if should_stop():
             return left_out
         if Path(checkpoint).is_dir():
@@ -404,7 +390,7 @@ def send_pending(journal: RunJournal, client, should_stop: Callable[[], bool] = 
         else:
             logger.warning("Checkpoint %s of MLflow run %s no longer exists; its model is not logged.", checkpoint,
                            journal.run_id)
-        journal.model_sent(checkpoint, registered_model_name)
+        journal.dequeue("models", checkpoint, registered_model_name)
     status = journal.unsent_status()
     if status is not None and not should_stop():
         client.set_terminated(journal.run_id, status)
@@ -452,7 +438,7 @@ class JournaledRun:
         self._wake.set()
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: Optional[str] = None) -> None:
-        self.journal.add_artifact(local_dir, artifact_path)
+        self.journal.queue("artifacts", local_dir, artifact_path)
         self._wake.set()
 
     def log_artifact(self, local_path: str | Path, artifact_path: Optional[str] = None) -> None:
@@ -460,7 +446,7 @@ class JournaledRun:
 
     def log_model(self, checkpoint: str | Path, registered_model_name: Optional[str] = None) -> None:
         """The model in `checkpoint` as an MLflow model of this run (nanovlm.export.mlflow_model)."""
-        self.journal.add_model(checkpoint, registered_model_name)
+        self.journal.queue("models", checkpoint, registered_model_name)
         self._wake.set()
 
     def checkpoint(self) -> None:

@@ -262,7 +262,7 @@ def test_a_store_down_to_the_end_exits_3_keeps_everything_and_sync_sends_it(serv
     assert f"nanovlm tracking sync {out}" in capsys.readouterr().err
     (journal,) = (out / "mlflow_journal").iterdir()
     waiting = RunJournal(journal)
-    assert waiting.unsent_status() == "FINISHED" and len(waiting.artifacts()) == 2
+    assert waiting.unsent_status() == "FINISHED" and len(waiting.queued("artifacts")) == 2
     assert "steps" in waiting.describe_pending()
     waiting.close()
 
