@@ -28,7 +28,7 @@ from listeners import HAS_PROC_NET, ListenerWatch, not_loopback
 from nanovlm import tracking
 from nanovlm.config import preset
 from nanovlm.distributed.cluster import free_loopback_port
-from training_configs import train_on_global_batches
+from training_configs import tiny_sweep, train_on_global_batches
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -37,17 +37,7 @@ RAY = str(Path(sys.executable).parent / "ray")
 STEPS, BATCH, WORKERS = 4, 4, 2
 ROWS = 32  # 16 per rank: rank 0 gets the even rows (text only), rank 1 the odd rows (one image each)
 
-SWEEP = {
-    "name": "net", "preset": "tiny",
-    "overrides": {"experiment_name": "net-sweep", "max_training_steps": 2, "eval_interval": 2, "eval_samples": 4,
-                  "batch_size": 4, "report_interval": 1, "log_interval": 1, "checkpoint_interval": 2,
-                  "max_new_tokens_eval": 2, "shapes_train_size": 16, "shapes_eval_size": 4, "vit_n_blocks": 1,
-                  "lm_n_blocks": 1, "peak_flops": 1e12},
-    "space": {"lr_mp": {"grid": [0.001]}},
-    "metric": "val_loss", "mode": "min", "scheduler": {"type": "none"}, "num_samples": 1,
-    "max_concurrent_trials": 1, "resources": {"workers_per_trial": 1, "cpus_per_worker": 0.4, "driver_cpus": 0.2},
-    "time_budget_s": 200,
-}
+SWEEP = tiny_sweep("net", [0.001])
 GRID = {
     "name": "net", "preset": "tiny", "overrides": {"lm_n_blocks": 1, "vit_n_blocks": 1},
     "grid": {"mp_pixel_shuffle_factor": [2]},

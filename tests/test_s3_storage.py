@@ -20,24 +20,14 @@ import yaml
 from nanovlm import storage, tracking
 from nanovlm.distributed.worker import KILL_ENV
 from s3_server import s3_keys, s3_server
-from training_configs import tiny_configs
+from training_configs import tiny_configs, tiny_sweep
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 BUCKET = "nanovlm"
 RUNS, SWEEPS = f"s3://{BUCKET}/runs", f"s3://{BUCKET}/sweeps"
 STEPS, KILL_STEP = 6, 3
-SWEEP = {
-    "name": "s3", "preset": "tiny",
-    "overrides": {"experiment_name": "s3-sweep", "max_training_steps": 2, "eval_interval": 2, "eval_samples": 4,
-                  "batch_size": 4, "report_interval": 1, "log_interval": 1, "checkpoint_interval": 2,
-                  "max_new_tokens_eval": 2, "shapes_train_size": 16, "shapes_eval_size": 4, "vit_n_blocks": 1,
-                  "lm_n_blocks": 1, "peak_flops": 1e12},
-    "space": {"lr_mp": {"grid": [0.001, 0.002]}},
-    "metric": "val_loss", "mode": "min", "scheduler": {"type": "none"}, "num_samples": 1,
-    "max_concurrent_trials": 2, "resources": {"workers_per_trial": 1, "cpus_per_worker": 0.4, "driver_cpus": 0.2},
-    "time_budget_s": 200,
-}
+SWEEP = tiny_sweep("s3", [0.001, 0.002], max_concurrent_trials=2)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,23 @@ def set_arguments(**changes) -> list[str]:
     return [arg for k, v in {**TINY_SETTINGS, **changes}.items() for arg in ("--set", f"{k}={v}")]
 
 
+def tiny_sweep(name: str, lr_mp_grid: list[float], max_concurrent_trials: int = 1) -> dict:
+    """A sweep space file's content: grid points of `lr_mp`, 2-step trials of a 1-block `tiny`
+    model on 1 worker each, no scheduler; seconds per trial once Ray is up."""
+    return {
+        "name": name, "preset": "tiny",
+        "overrides": {"experiment_name": f"{name}-sweep", "max_training_steps": 2, "eval_interval": 2,
+                      "eval_samples": 4, "batch_size": 4, "report_interval": 1, "log_interval": 1,
+                      "checkpoint_interval": 2, "max_new_tokens_eval": 2, "shapes_train_size": 16,
+                      "shapes_eval_size": 4, "vit_n_blocks": 1, "lm_n_blocks": 1, "peak_flops": 1e12},
+        "space": {"lr_mp": {"grid": lr_mp_grid}},
+        "metric": "val_loss", "mode": "min", "scheduler": {"type": "none"}, "num_samples": 1,
+        "max_concurrent_trials": max_concurrent_trials,
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 0.4, "driver_cpus": 0.2},
+        "time_budget_s": 200,
+    }
+
+
 def train_on_global_batches(vlm, train, world_size: int, steps: int):
     """The reference of a `world_size`-worker DDP run, built without Ray: one process, one model,
     and at each step the union of the samples every rank sees (its shard and batch sampler),
